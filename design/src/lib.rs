@@ -1,0 +1,20 @@
+//! deepmad-design: the pure mathematics of DeepMAD (Shen et al., 2023, arXiv:2303.02165).
+//!
+//! Start reading at [`arch::Network`], the architecture IR, then [`count::walk`], which every
+//! count and score folds over. [`score`] implements the paper's conventions (Sec. 4),
+//! [`tinynas`] those of the paper's official code, and [`solver`] solves Sec. 4.3's
+//! mathematical program. [`classic`] holds torchvision's reference networks.
+//!
+//! This crate does no I/O, spawns no threads and uses no global random state: every function
+//! is a deterministic function of its arguments.
+
+pub mod arch;
+pub mod classic;
+pub mod count;
+pub mod error;
+pub mod score;
+pub mod units;
+
+pub use arch::{Activation, BlockKind, Mid, Network, Stage, Stem};
+pub use error::DesignError;
+pub use score::{Analysis, ObjectiveKind, Score};

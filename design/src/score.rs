@@ -1,0 +1,355 @@
+//! DeepMAD scoring in the paper's conventions (the default objective).
+//!
+//! * Layer width `w = c_in * k^2 / g` (Sec. 4.1) over main-path layers: the stem, every conv
+//!   inside blocks and the head conv; not projections, not SE convs, not the classifier.
+//! * Scale entropy `H_i = ln(r_i^2 c_i) * sum ln w` over all main-path layers from the input to
+//!   the end of scale i (Prop. 2, Eq. (4)), with `r_i`, `c_i` the true side and channels there.
+//! * Network entropy `sum_i alpha_i H_i` (Guideline 1).
+//! * Effectiveness `rho = L / exp(mean ln w)` over the whole network (Eq. (2), Prop. 1).
+//! * Penalty `Q` = population variance of the stage depths (Guideline 2).
+//! * Objective = entropy - beta * Q (Sec. 4.3).
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::Network;
+use crate::count::{walk, Event};
+use crate::error::DesignError;
+
+/// Which scoring convention to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectiveKind {
+    /// The paper's Sec. 4 conventions (this module).
+    #[default]
+    Paper,
+    /// The conventions of the paper's official code (see `tinynas`).
+    Tinynas,
+}
+
+impl ObjectiveKind {
+    /// Returns the lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ObjectiveKind::Paper => "paper",
+            ObjectiveKind::Tinynas => "tinynas",
+        }
+    }
+}
+
+/// The headline numbers of a scored network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Score {
+    pub params: u64,
+    pub flops: u64,
+    pub layers: u32,
+    pub effectiveness: f64,
+    pub entropy: f64,
+    pub penalty: f64,
+    pub objective: f64,
+}
+
+/// One down-sampling scale's entropy term.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ScaleTerm {
+    /// Feature-map side at the scale's end.
+    pub side: u32,
+    pub channels: u32,
+    /// Sum of ln(width) over main-path layers from the input to the scale's end.
+    pub log_width_sum: f64,
+    pub alpha: f64,
+    /// The unweighted `H_i`.
+    pub entropy: f64,
+}
+
+/// One stage (or TinyNAS block) of the report table.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StageReport {
+    pub block: String,
+    #[serde(rename = "in")]
+    pub in_channels: u32,
+    pub out: u32,
+    pub stride: u32,
+    pub depth: u32,
+    pub kernel: u32,
+    /// Inner width of the stage's first block (btn / expanded width), if any.
+    pub mid: Option<u32>,
+    pub se: bool,
+    /// Output feature-map side.
+    pub side: u32,
+    pub params: u64,
+    pub flops: u64,
+    pub layers: u32,
+}
+
+/// A full analysis: the score, its terms and a per-stage table.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Analysis {
+    pub objective_kind: ObjectiveKind,
+    pub resolution: u32,
+    pub params: u64,
+    pub flops: u64,
+    pub layers: u32,
+    pub effectiveness: f64,
+    pub entropy: f64,
+    pub penalty: f64,
+    pub beta: f64,
+    pub objective: f64,
+    pub alpha: Vec<f64>,
+    pub scales: Vec<ScaleTerm>,
+    pub stages: Vec<StageReport>,
+}
+
+impl Analysis {
+    /// Returns the headline numbers.
+    pub fn score(&self) -> Score {
+        Score {
+            params: self.params,
+            flops: self.flops,
+            layers: self.layers,
+            effectiveness: self.effectiveness,
+            entropy: self.entropy,
+            penalty: self.penalty,
+            objective: self.objective,
+        }
+    }
+}
+
+/// The penalty weight the paper uses (Sec. 4.3).
+pub const DEFAULT_BETA: f64 = 10.0;
+
+/// Returns the default scale weights: 1 for every scale but the last, 8 for the last
+/// (the paper's {1,1,1,1,8} for five down-samplings, Sec. 4.3).
+pub fn default_alpha(scales: usize) -> Vec<f64> {
+    let mut alpha = vec![1.0; scales];
+    if scales > 1 {
+        alpha[scales - 1] = 8.0;
+    }
+    alpha
+}
+
+/// Returns the number of down-sampling scales of `net` (the length its alpha must have).
+pub fn scale_count(net: &Network) -> usize {
+    let mut count = 0;
+    walk(net, &mut |event| {
+        if matches!(event, Event::ScaleEnd { .. }) {
+            count += 1;
+        }
+    });
+    count
+}
+
+/// Checks alpha and beta against `net`, naming the field on failure.
+pub fn check_weights(net: &Network, alpha: &[f64], beta: f64) -> Result<(), DesignError> {
+    let scales = scale_count(net);
+    if alpha.len() != scales {
+        return Err(DesignError::InvalidInput {
+            field: "alpha",
+            reason: format!(
+                "has {} entries but the network has {scales} down-sampling scales (one weight each)",
+                alpha.len()
+            ),
+        });
+    }
+    if let Some(bad) = alpha.iter().find(|a| !a.is_finite() || **a < 0.0) {
+        return Err(DesignError::InvalidInput {
+            field: "alpha",
+            reason: format!("entries must be finite and non-negative, got {bad}"),
+        });
+    }
+    if !beta.is_finite() || beta < 0.0 {
+        return Err(DesignError::InvalidInput {
+            field: "beta",
+            reason: format!("must be finite and non-negative, got {beta}"),
+        });
+    }
+    Ok(())
+}
+
+/// Scores `net` in paper mode without allocating. `alpha` must have one weight per scale
+/// (see [`check_weights`]); the solver calls this in its inner loop.
+pub fn score_paper(net: &Network, alpha: &[f64], beta: f64) -> Score {
+    let mut score = Score::default();
+    let mut log_width_sum = 0.0;
+    let mut scale = 0;
+    walk(net, &mut |event| match event {
+        Event::Layer { layer, count, .. } => {
+            score.params += layer.params() * u64::from(count);
+            score.flops += layer.macs() * u64::from(count);
+            if layer.role.is_main_path() {
+                score.layers += count;
+                log_width_sum += f64::from(count) * layer.width().ln();
+            }
+        }
+        Event::ScaleEnd { side, channels } => {
+            let weight = alpha.get(scale).copied().unwrap_or(0.0);
+            score.entropy += weight * scale_entropy(side, channels, log_width_sum);
+            scale += 1;
+        }
+    });
+    debug_assert_eq!(scale, alpha.len(), "alpha checked against the scales");
+    score.effectiveness = effectiveness(score.layers, log_width_sum);
+    score.penalty = depth_variance(net);
+    score.objective = score.entropy - beta * score.penalty;
+    score
+}
+
+/// Eq. (4): `ln(r^2 c) * sum ln w`.
+fn scale_entropy(side: u32, channels: u32, log_width_sum: f64) -> f64 {
+    (f64::from(side) * f64::from(side) * f64::from(channels)).ln() * log_width_sum
+}
+
+/// Eq. (2) with Prop. 1's geometric-mean width: `L / exp(sum ln w / L)`.
+pub fn effectiveness(layers: u32, log_width_sum: f64) -> f64 {
+    let layers = f64::from(layers);
+    layers / (log_width_sum / layers).exp()
+}
+
+/// Guideline 2: the population variance of the stage depths.
+pub fn depth_variance(net: &Network) -> f64 {
+    let count = net.stages.len() as f64;
+    let mean = net.stages.iter().map(|s| f64::from(s.depth)).sum::<f64>() / count;
+    net.stages
+        .iter()
+        .map(|s| (f64::from(s.depth) - mean).powi(2))
+        .sum::<f64>()
+        / count
+}
+
+/// Analyzes `net` in paper mode: the score, each scale's term and a per-stage table.
+pub fn analyze_paper(net: &Network, alpha: &[f64], beta: f64) -> Result<Analysis, DesignError> {
+    net.validate()?;
+    check_weights(net, alpha, beta)?;
+    let score = score_paper(net, alpha, beta);
+    let mut scales = Vec::new();
+    let mut stages: Vec<StageReport> = net
+        .stages
+        .iter()
+        .map(|stage| StageReport {
+            block: stage.block.name().to_string(),
+            in_channels: stage.in_channels,
+            out: stage.out,
+            stride: stage.stride,
+            depth: stage.depth,
+            kernel: stage.kernel,
+            mid: stage.mid_width(0),
+            se: stage.se,
+            side: 0,
+            params: 0,
+            flops: 0,
+            layers: 0,
+        })
+        .collect();
+    let mut log_width_sum = 0.0;
+    walk(net, &mut |event| match event {
+        Event::Layer {
+            layer,
+            count,
+            stage,
+        } => {
+            if layer.role.is_main_path() {
+                log_width_sum += f64::from(count) * layer.width().ln();
+            }
+            if let Some(report) = stage.map(|index| &mut stages[index]) {
+                report.params += layer.params() * u64::from(count);
+                report.flops += layer.macs() * u64::from(count);
+                if layer.role.is_main_path() {
+                    report.side = layer.out_side();
+                    report.layers += count;
+                }
+            }
+        }
+        Event::ScaleEnd { side, channels } => scales.push(ScaleTerm {
+            side,
+            channels,
+            log_width_sum,
+            alpha: alpha[scales.len()],
+            entropy: scale_entropy(side, channels, log_width_sum),
+        }),
+    });
+    Ok(Analysis {
+        objective_kind: ObjectiveKind::Paper,
+        resolution: net.resolution,
+        params: score.params,
+        flops: score.flops,
+        layers: score.layers,
+        effectiveness: score.effectiveness,
+        entropy: score.entropy,
+        penalty: score.penalty,
+        beta,
+        objective: score.objective,
+        alpha: alpha.to_vec(),
+        scales,
+        stages,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classic;
+
+    fn rho(name: &str) -> f64 {
+        let net = classic::by_name(name, 1000, 224).unwrap();
+        let alpha = default_alpha(scale_count(&net));
+        analyze_paper(&net, &alpha, DEFAULT_BETA)
+            .unwrap()
+            .effectiveness
+    }
+
+    /// Tables 1 and 2 print rho to one significant figure: ResNet-18 0.01, ResNet-34 0.02,
+    /// ResNet-50 0.09, MobileNet-V2 0.9, EfficientNet-B0 0.6.
+    #[test]
+    fn classic_effectiveness_matches_the_paper_to_one_significant_figure() {
+        let round1 = |x: f64| {
+            let magnitude = 10f64.powf(x.log10().floor());
+            (x / magnitude).round() * magnitude
+        };
+        let expected = [
+            ("resnet18", 0.01),
+            ("resnet34", 0.02),
+            ("resnet50", 0.09),
+            ("mobilenet_v2", 0.9),
+            ("efficientnet_b0", 0.6),
+        ];
+        for (name, paper) in expected {
+            let ours = rho(name);
+            assert!(
+                (round1(ours) - paper).abs() < 1e-9,
+                "{name}: rho {ours} rounds to {} not {paper}",
+                round1(ours)
+            );
+        }
+    }
+
+    /// ResNet-18 worked by hand: widths 147, 5 x 576, 4 x 1152, 4 x 2304, 3 x 4608 over 17
+    /// layers; rho = 17 / exp(sum ln w / 17).
+    #[test]
+    fn resnet18_effectiveness_by_hand() {
+        let sum = 147f64.ln()
+            + 5.0 * 576f64.ln()
+            + 4.0 * 1152f64.ln()
+            + 4.0 * 2304f64.ln()
+            + 3.0 * 4608f64.ln();
+        let expected = 17.0 / (sum / 17.0).exp();
+        assert!((rho("resnet18") - expected).abs() < 1e-12);
+    }
+
+    #[test]
+    fn alpha_length_must_match_scales() {
+        let net = classic::by_name("resnet18", 1000, 224).unwrap();
+        let error = analyze_paper(&net, &[1.0, 8.0], 10.0).unwrap_err();
+        assert!(error.to_string().contains("alpha"), "{error}");
+    }
+
+    #[test]
+    fn analysis_agrees_with_fast_score() {
+        for name in classic::NAMES {
+            let net = classic::by_name(name, 100, 224).unwrap();
+            let alpha = default_alpha(scale_count(&net));
+            let analysis = analyze_paper(&net, &alpha, 10.0).unwrap();
+            assert_eq!(analysis.score(), score_paper(&net, &alpha, 10.0));
+            let stage_params: u64 = analysis.stages.iter().map(|s| s.params).sum();
+            assert!(stage_params < analysis.params);
+        }
+    }
+}
