@@ -13,6 +13,7 @@ pub mod classic;
 pub mod count;
 pub mod error;
 pub mod score;
+pub mod tinynas;
 pub mod units;
 
 pub use arch::{Activation, BlockKind, Mid, Network, Stage, Stem};

@@ -1,0 +1,1 @@
+//! TinyNAS-compatible scoring (being written).
