@@ -198,7 +198,10 @@ impl Stage {
                 return Err(("mid", "basic blocks have no inner width".into()));
             }
             (BlockKind::Bottleneck | BlockKind::Mbconv, None) => {
-                return Err(("mid", format!("{} blocks need an inner width", self.block.name())));
+                return Err((
+                    "mid",
+                    format!("{} blocks need an inner width", self.block.name()),
+                ));
             }
             (_, Some(Mid::Width(width))) => {
                 positive_bounded(width, "mid.width").map_err(|r| ("mid", r))?
@@ -214,7 +217,10 @@ impl Stage {
             return Err(("mid", "bottleneck blocks take an absolute width".into()));
         }
         if self.se && self.block != BlockKind::Mbconv {
-            return Err(("se", "squeeze-excitation is only defined for mbconv blocks".into()));
+            return Err((
+                "se",
+                "squeeze-excitation is only defined for mbconv blocks".into(),
+            ));
         }
         Ok(())
     }
@@ -222,7 +228,9 @@ impl Stage {
 
 fn positive_bounded(value: u32, name: &str) -> Result<(), String> {
     if value == 0 || value > MAX_DIMENSION {
-        return Err(format!("{name} must be in 1..={MAX_DIMENSION}, got {value}"));
+        return Err(format!(
+            "{name} must be in 1..={MAX_DIMENSION}, got {value}"
+        ));
     }
     Ok(())
 }

@@ -40,11 +40,11 @@ pub fn by_name(name: &str, num_classes: u32, resolution: u32) -> Result<Network,
     Ok(net)
 }
 
-/// Builds stages from `(block, out, stride, depth, kernel, mid, se)` rows, chaining widths.
-fn chain(
-    stem_out: u32,
-    rows: &[(BlockKind, u32, u32, u32, u32, Option<Mid>, bool)],
-) -> Vec<Stage> {
+/// Builds stages from rows, chaining each stage's input to the previous output.
+/// One stage as `(block, out, stride, depth, kernel, mid, se)`: torchvision's tables, row by row.
+type Row = (BlockKind, u32, u32, u32, u32, Option<Mid>, bool);
+
+fn chain(stem_out: u32, rows: &[Row]) -> Vec<Stage> {
     let mut in_channels = stem_out;
     rows.iter()
         .map(|&(block, out, stride, depth, kernel, mid, se)| {
@@ -156,7 +156,10 @@ mod tests {
     #[test]
     fn unknown_name_lists_the_known_ones() {
         let message = by_name("vgg16", 1000, 224).unwrap_err().to_string();
-        assert!(message.contains("vgg16") && message.contains("resnet50"), "{message}");
+        assert!(
+            message.contains("vgg16") && message.contains("resnet50"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -186,7 +186,9 @@ fn walk_stage(stage: &Stage, index: usize, side: u32, visit: &mut impl FnMut(Eve
         stride: 1,
         mid: stage.mid_width(1),
     };
-    block_layers(stage, rest, out_side, &mut |layer| emit(layer, stage.depth - 1));
+    block_layers(stage, rest, out_side, &mut |layer| {
+        emit(layer, stage.depth - 1)
+    });
     out_side
 }
 
@@ -211,7 +213,9 @@ fn block_layers(stage: &Stage, block: BlockShape, side: u32, emit: &mut impl FnM
             }
         }
         BlockKind::Bottleneck => {
-            let mid = block.mid.expect("validated: bottleneck stages have an inner width");
+            let mid = block
+                .mid
+                .expect("validated: bottleneck stages have an inner width");
             emit(pointwise(Role::Main, cin, mid, 1, side));
             emit(spatial(mid, mid, k, s, 1, side));
             emit(pointwise(Role::Main, mid, cout, 1, out_side));
@@ -220,7 +224,9 @@ fn block_layers(stage: &Stage, block: BlockShape, side: u32, emit: &mut impl FnM
             }
         }
         BlockKind::Mbconv => {
-            let mid = block.mid.expect("validated: mbconv stages have an inner width");
+            let mid = block
+                .mid
+                .expect("validated: mbconv stages have an inner width");
             if stage.mid != Some(Mid::Ratio(1)) {
                 emit(pointwise(Role::Main, cin, mid, 1, side));
             }
@@ -344,7 +350,10 @@ mod tests {
                 scales.push((side, channels));
             }
         });
-        assert_eq!(scales, vec![(112, 64), (56, 256), (28, 512), (14, 1024), (7, 2048)]);
+        assert_eq!(
+            scales,
+            vec![(112, 64), (56, 256), (28, 512), (14, 1024), (7, 2048)]
+        );
         assert_eq!(totals(&net).layers, 49);
     }
 }

@@ -32,11 +32,11 @@ pub enum DesignError {
     },
 
     /// No design in the search space meets the constraints. `constraint` names the one that
-    /// cannot be met; `smallest` is the smallest value of it that the space can reach.
-    #[error("infeasible: {constraint} budget {budget} is below the smallest design in the space, which needs {smallest}")]
+    /// cannot be met and `detail` says what the space can reach instead.
+    #[error("infeasible: the {constraint} budget {budget} cannot be met: {detail}")]
     Infeasible {
         constraint: &'static str,
         budget: String,
-        smallest: String,
+        detail: String,
     },
 }

@@ -13,6 +13,7 @@ pub mod classic;
 pub mod count;
 pub mod error;
 pub mod score;
+pub mod solver;
 pub mod tinynas;
 pub mod units;
 

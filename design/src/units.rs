@@ -13,12 +13,16 @@ pub fn parse_count(field: &'static str, text: &str) -> Result<u64, DesignError> 
         Some('t' | 'T') => (&trimmed[..trimmed.len() - 1], 1e12),
         _ => (trimmed.as_str(), 1.0),
     };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| invalid(format!("{text:?} is not a number like 11.7M, 1.8G or 390000")))?;
+    let value: f64 = number.parse().map_err(|_| {
+        invalid(format!(
+            "{text:?} is not a number like 11.7M, 1.8G or 390000"
+        ))
+    })?;
     let scaled = value * scale;
     if !scaled.is_finite() || scaled <= 0.0 || scaled > 1e15 {
-        return Err(invalid(format!("{text:?} must be positive and at most 1e15")));
+        return Err(invalid(format!(
+            "{text:?} must be positive and at most 1e15"
+        )));
     }
     Ok(scaled.round() as u64)
 }

@@ -27,7 +27,9 @@ impl Family {
             "mbconv-se" => Ok(Family::MbconvSe),
             _ => Err(DesignError::InvalidInput {
                 field: "block",
-                reason: format!("unknown block family {text:?} (known: basic, bottleneck, mbconv, mbconv-se)"),
+                reason: format!(
+                    "unknown block family {text:?} (known: basic, bottleneck, mbconv, mbconv-se)"
+                ),
             }),
         }
     }
@@ -150,10 +152,14 @@ impl SearchSpace {
             return Err(bad(format!("strides must be 1 or 2, got {s}")));
         }
         if self.channel_step == 0 || self.min_stem == 0 || self.min_stem > self.max_stem {
-            return Err(bad("need channel_step > 0 and 0 < min_stem <= max_stem".into()));
+            return Err(bad(
+                "need channel_step > 0 and 0 < min_stem <= max_stem".into()
+            ));
         }
         if self.max_channels < self.channel_step || self.max_mid < self.channel_step {
-            return Err(bad("max_channels and max_mid must be at least channel_step".into()));
+            return Err(bad(
+                "max_channels and max_mid must be at least channel_step".into(),
+            ));
         }
         if self.kernels.is_empty() || self.kernels.iter().any(|k| k % 2 == 0 || *k > 15) {
             return Err(bad("kernels must be odd sizes up to 15".into()));
@@ -161,11 +167,18 @@ impl SearchSpace {
         if self.max_depth == 0 || self.first_stage_max_depth == 0 || self.max_depth > 64 {
             return Err(bad("depth limits must be in 1..=64".into()));
         }
-        if self.max_growth == 0 || self.mid_min_tenths == 0 || self.mid_min_tenths > self.mid_max_tenths {
-            return Err(bad("need max_growth > 0 and 0 < mid_min_tenths <= mid_max_tenths".into()));
+        if self.max_growth == 0
+            || self.mid_min_tenths == 0
+            || self.mid_min_tenths > self.mid_max_tenths
+        {
+            return Err(bad(
+                "need max_growth > 0 and 0 < mid_min_tenths <= mid_max_tenths".into(),
+            ));
         }
         if self.head && !family.is_mobile() {
-            return Err(bad("a head conv is only searched for mbconv families".into()));
+            return Err(bad(
+                "a head conv is only searched for mbconv families".into()
+            ));
         }
         Ok(())
     }
@@ -238,22 +251,37 @@ impl Problem {
     pub fn validate(&self) -> Result<(), DesignError> {
         let bad = |field: &'static str, reason: String| DesignError::InvalidInput { field, reason };
         if !self.rho.is_finite() || self.rho <= 0.0 {
-            return Err(bad("rho", format!("must be a positive number, got {}", self.rho)));
+            return Err(bad(
+                "rho",
+                format!("must be a positive number, got {}", self.rho),
+            ));
         }
         if self.params.is_none() && self.flops.is_none() {
-            return Err(bad("budget", "set a params budget, a FLOPs budget or both".into()));
+            return Err(bad(
+                "budget",
+                "set a params budget, a FLOPs budget or both".into(),
+            ));
         }
         if self.params == Some(0) || self.flops == Some(0) {
             return Err(bad("budget", "budgets must be positive".into()));
         }
         if !self.beta.is_finite() || self.beta < 0.0 {
-            return Err(bad("beta", format!("must be finite and non-negative, got {}", self.beta)));
+            return Err(bad(
+                "beta",
+                format!("must be finite and non-negative, got {}", self.beta),
+            ));
         }
         if !(8..=4096).contains(&self.resolution) {
-            return Err(bad("resolution", format!("must be in 8..=4096, got {}", self.resolution)));
+            return Err(bad(
+                "resolution",
+                format!("must be in 8..=4096, got {}", self.resolution),
+            ));
         }
         if self.num_classes == 0 || self.in_channels == 0 {
-            return Err(bad("num_classes", "classes and input channels must be positive".into()));
+            return Err(bad(
+                "num_classes",
+                "classes and input channels must be positive".into(),
+            ));
         }
         if self.max_layers == Some(0) {
             return Err(bad("max_layers", "must be positive".into()));
@@ -264,7 +292,9 @@ impl Problem {
             if self.family == Family::Basic {
                 return Err(bad("block", "the tinynas objective has no basic-block form; use bottleneck, mbconv or mbconv-se".into()));
             }
-            if space.stem_stride != 2 || space.stage_strides.iter().filter(|s| **s == 2).count() != 4 {
+            if space.stem_stride != 2
+                || space.stage_strides.iter().filter(|s| **s == 2).count() != 4
+            {
                 return Err(bad("space", "the tinynas objective scores exactly five stages: a stride-2 stem and four stride-2 stages".into()));
             }
         }
@@ -277,7 +307,10 @@ impl Problem {
                 ));
             }
             if let Some(x) = alpha.iter().find(|a| !a.is_finite() || **a < 0.0) {
-                return Err(bad("alpha", format!("entries must be finite and non-negative, got {x}")));
+                return Err(bad(
+                    "alpha",
+                    format!("entries must be finite and non-negative, got {x}"),
+                ));
             }
         }
         Ok(())

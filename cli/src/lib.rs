@@ -1,0 +1,53 @@
+//! deepmad's command-line front end: [`run`] executes one parsed [`args::Args`].
+//!
+//! Commands live in `commands/`, human-facing tables in `render.rs`. Every failure carries its
+//! exit code: 2 for bad input (the message names what is wrong), 1 for anything else.
+
+pub mod args;
+mod commands;
+mod render;
+
+use std::io::Write;
+
+use deepmad_design::DesignError;
+
+/// Why a command failed, and the exit code to leave with.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    /// Returns a bad-input failure (exit code 2).
+    pub fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<DesignError> for Failure {
+    fn from(error: DesignError) -> Failure {
+        // Every design error is a statement about the user's input or budgets.
+        Failure::usage(error.to_string())
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(error: std::io::Error) -> Failure {
+        Failure {
+            code: 1,
+            message: format!("cannot write output: {error}"),
+        }
+    }
+}
+
+/// Runs one command, writing its output to `out`.
+pub fn run(args: args::Args, out: &mut impl Write) -> Result<(), Failure> {
+    match args.command {
+        args::Command::Analyze(analyze) => commands::analyze::run(&analyze, out),
+        args::Command::Design(design) => commands::design::run(&design, out),
+    }
+}

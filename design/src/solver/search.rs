@@ -1,0 +1,187 @@
+//! The search: seeded iterated local search, then an exhaustive local-optimality polish.
+//!
+//! 1. Start from the smallest design of the space and fill every width to the budget.
+//! 2. Simulated annealing (several deterministic restarts): mutate one or two variables,
+//!    re-fit a few widths to the budget, accept by the Metropolis rule; keep the best seen.
+//! 3. Polish (`polish.rs`): variable-neighbourhood descent until no neighbour improves, so the
+//!    answer is a certified local optimum of those neighbourhoods.
+//!
+//! All randomness comes from a fixed-seed generator, so the same problem gives the same design.
+
+use crate::arch::Network;
+
+use super::vars::{Ctx, Eval, Var};
+
+/// Designs kept by the population search.
+const POPULATION: usize = 256;
+/// Children the population search evaluates.
+const CHILDREN: u32 = 60_000;
+/// Tenths of the children made by blind mutation (the rest by budget-aware moves).
+const BLIND_TENTHS: u32 = 9;
+
+/// A small deterministic generator (xorshift64*), local to one search.
+#[derive(Debug)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Returns a uniform integer in `0..n` (n > 0).
+    pub(crate) fn below(&mut self, n: u32) -> u32 {
+        (((self.next() >> 32) * u64::from(n)) >> 32) as u32
+    }
+
+    /// Returns a uniform integer in `low..=high`.
+    pub(crate) fn between(&mut self, low: u32, high: u32) -> u32 {
+        low + self.below(high - low + 1)
+    }
+
+    pub(crate) fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u32) as usize]
+    }
+}
+
+/// Fills every width to the budget, last stages first, a few passes.
+pub(crate) fn fill(ctx: &Ctx, net: &mut Network) {
+    let widths = ctx.width_vars();
+    for _ in 0..3 {
+        for &var in widths.iter().rev() {
+            ctx.fit(net, var);
+        }
+    }
+}
+
+/// Runs the population search from `start` and returns the best candidates found, best first.
+///
+/// A population of [`POPULATION`] designs evolves for [`CHILDREN`] children: each child is a
+/// random member with one or two mutations, its budget repaired and a few widths re-fitted;
+/// it replaces the worst member when it is at least as good. Repair and re-fit keep nearly
+/// every child on the budget boundary, where the optimum lies, so far fewer children are
+/// needed than with blind mutation.
+pub(crate) fn population_search(ctx: &Ctx, start: &Network, seed: u64) -> Vec<(Network, Eval)> {
+    let mut rng = Rng::new(seed);
+    let mut first = start.clone();
+    fill(ctx, &mut first);
+    let first_eval = ctx.evaluate(&first);
+    let mut population = vec![(first, first_eval)];
+    while population.len() < POPULATION {
+        let mut member = start.clone();
+        randomize_structure(ctx, &mut member, &mut rng);
+        fill(ctx, &mut member);
+        let eval = ctx.evaluate(&member);
+        population.push((member, eval));
+    }
+    let vars = ctx.vars();
+    for _ in 0..CHILDREN {
+        let parent = &population[rng.below(POPULATION as u32) as usize].0;
+        let mut child = parent.clone();
+        if rng.below(10) < BLIND_TENTHS {
+            for _ in 0..2 {
+                super::baseline::mutate(ctx, &mut child, rng.pick(&vars), &mut rng);
+            }
+        } else {
+            perturb(ctx, &mut child, &mut rng);
+        }
+        let eval = ctx.evaluate(&child);
+        if !eval.feasible() && population[0].1.feasible() {
+            continue;
+        }
+        let worst = worst_member(&population);
+        if eval.at_least(&population[worst].1) {
+            population[worst] = (child, eval);
+        }
+    }
+    population.sort_by(|a, b| {
+        if a.1.better_than(&b.1) {
+            std::cmp::Ordering::Less
+        } else if b.1.better_than(&a.1) {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Equal
+        }
+    });
+    population
+}
+
+fn worst_member(population: &[(Network, Eval)]) -> usize {
+    let mut worst = 0;
+    for (index, member) in population.iter().enumerate() {
+        if population[worst].1.better_than(&member.1) {
+            worst = index;
+        }
+    }
+    worst
+}
+
+/// Draws random depths and kernels (widths stay minimal until the fill).
+fn randomize_structure(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
+    for var in ctx.vars() {
+        if !var.is_width() {
+            let (low, high) = ctx.range(net, var);
+            let level = rng.between(low, high);
+            ctx.set(net, var, level);
+        }
+    }
+}
+
+/// Mutates one or two variables, then repairs the budget and re-fits one to three widths.
+fn perturb(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
+    let vars = ctx.vars();
+    let widths = ctx.width_vars();
+    let mutations = 1 + rng.below(2);
+    for _ in 0..mutations {
+        let var = rng.pick(&vars);
+        if let (Var::Out(index), 0) = (var, rng.below(3)) {
+            // A coupled move: the neighbours follow, so runs of equal widths can grow together.
+            let max = ctx.space.max_channels / ctx.space.channel_step;
+            let level = rng.between(1, max);
+            let mut moved = net.clone();
+            if ctx.push_out(&mut moved, index, level) {
+                *net = moved;
+            }
+            continue;
+        }
+        let (low, high) = ctx.range(net, var);
+        let current = ctx.get(net, var);
+        let level = match rng.below(4) {
+            0 => rng.between(low, high),
+            1 if var.is_width() => {
+                let factor = [0.5, 0.67, 0.8, 1.25, 1.5, 2.0][rng.below(6) as usize];
+                ((f64::from(current) * factor).round() as u32).clamp(low, high)
+            }
+            _ => {
+                let delta = 1 + rng.below(3);
+                if rng.below(2) == 0 {
+                    current.saturating_sub(delta).max(low)
+                } else {
+                    (current + delta).min(high)
+                }
+            }
+        };
+        ctx.set(net, var, level);
+    }
+    repair(ctx, net, &widths, rng);
+    for _ in 0..rng.below(3) {
+        ctx.fit(net, rng.pick(&widths));
+    }
+}
+
+/// Shrinks random widths to the budget until the design fits (or every width was tried).
+fn repair(ctx: &Ctx, net: &mut Network, widths: &[Var], rng: &mut Rng) {
+    let offset = rng.below(widths.len() as u32) as usize;
+    for index in 0..widths.len() {
+        if ctx.within_budget(&ctx.evaluate(net).score) {
+            return;
+        }
+        ctx.fit(net, widths[(offset + index) % widths.len()]);
+    }
+}

@@ -1,0 +1,371 @@
+//! The decision variables of a design problem and the evaluation of candidates.
+//!
+//! A candidate is a [`Network`] from the search space. Each variable (stem width, a stage's
+//! output width, inner width, depth or kernel, the head width) takes an integer *level*:
+//! widths are `level * channel_step`, kernels index `space.kernels`. [`Ctx::range`] gives the
+//! levels a variable may take with every other variable fixed, so every move stays inside the
+//! space (non-decreasing widths, growth limit, inner-width bounds) by construction.
+
+use std::cell::Cell;
+
+use crate::arch::{Mid, Network, Stage, Stem};
+use crate::score::{score_paper, ObjectiveKind, Score};
+use crate::tinynas::{score_tinynas, TinyNet};
+
+use super::problem::{Problem, SearchSpace};
+
+/// One decision variable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Var {
+    Stem,
+    Out(usize),
+    Mid(usize),
+    Head,
+    Depth(usize),
+    Kernel(usize),
+}
+
+impl Var {
+    /// Returns true for width variables (budget usage grows with their level).
+    pub(crate) fn is_width(self) -> bool {
+        matches!(self, Var::Stem | Var::Out(_) | Var::Mid(_) | Var::Head)
+    }
+}
+
+/// A scored candidate: its score and how far it is from feasible (0 when feasible).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Eval {
+    pub score: Score,
+    pub violation: f64,
+}
+
+impl Eval {
+    pub(crate) fn feasible(&self) -> bool {
+        self.violation == 0.0
+    }
+
+    /// Returns true when `self` is strictly better: feasible beats infeasible, then the higher
+    /// objective (feasible) or the smaller violation (infeasible) wins.
+    pub(crate) fn better_than(&self, other: &Eval) -> bool {
+        match (self.feasible(), other.feasible()) {
+            (true, true) => self.score.objective > other.score.objective,
+            (true, false) => true,
+            (false, true) => false,
+            (false, false) => self.violation < other.violation,
+        }
+    }
+
+    /// Returns true when `self` is at least as good as `other`.
+    pub(crate) fn at_least(&self, other: &Eval) -> bool {
+        !other.better_than(self)
+    }
+}
+
+/// Everything the search needs about the problem, precomputed once.
+#[derive(Debug)]
+pub(crate) struct Ctx<'a> {
+    pub problem: &'a Problem,
+    pub space: SearchSpace,
+    pub alpha: Vec<f64>,
+    pub evaluations: Cell<u64>,
+}
+
+impl<'a> Ctx<'a> {
+    pub(crate) fn new(problem: &'a Problem) -> Ctx<'a> {
+        Ctx {
+            problem,
+            space: problem.space(),
+            alpha: problem.alpha(),
+            evaluations: Cell::new(0),
+        }
+    }
+
+    fn stages(&self) -> usize {
+        self.space.stage_strides.len()
+    }
+
+    fn has_mid(&self) -> bool {
+        self.problem.family != super::Family::Basic
+    }
+
+    /// Returns every variable, widths first.
+    pub(crate) fn vars(&self) -> Vec<Var> {
+        let mut vars = self.width_vars();
+        vars.extend((0..self.stages()).map(Var::Depth));
+        if self.space.kernels.len() > 1 {
+            vars.extend((0..self.stages()).map(Var::Kernel));
+        }
+        vars
+    }
+
+    /// Returns the width variables.
+    pub(crate) fn width_vars(&self) -> Vec<Var> {
+        let mut vars = vec![Var::Stem];
+        for index in 0..self.stages() {
+            vars.push(Var::Out(index));
+            if self.has_mid() {
+                vars.push(Var::Mid(index));
+            }
+        }
+        if self.space.head {
+            vars.push(Var::Head);
+        }
+        vars
+    }
+
+    /// Returns the smallest design of the space: every variable at its lowest level.
+    pub(crate) fn minimal(&self) -> Network {
+        let step = self.space.channel_step;
+        let stem = self.space.min_stem.div_ceil(step) * step;
+        let family = self.problem.family;
+        let stages = self
+            .space
+            .stage_strides
+            .iter()
+            .map(|&stride| Stage {
+                block: family.block(),
+                in_channels: stem,
+                out: stem,
+                stride,
+                depth: 1,
+                kernel: self.space.kernels[0],
+                mid: self
+                    .has_mid()
+                    .then_some(Mid::Width(self.mid_bounds(stem).0 * step)),
+                se: family == super::Family::MbconvSe,
+            })
+            .collect();
+        Network {
+            resolution: self.problem.resolution,
+            in_channels: self.problem.in_channels,
+            num_classes: self.problem.num_classes,
+            activation: family.activation(),
+            stem: Stem {
+                out: stem,
+                kernel: 3,
+                stride: self.space.stem_stride,
+                max_pool: false,
+            },
+            stages,
+            head: self.space.head.then_some(stem),
+        }
+    }
+
+    /// Returns the inner-width levels allowed for a stage of output width `out`.
+    fn mid_bounds(&self, out: u32) -> (u32, u32) {
+        let step = self.space.channel_step;
+        let low = (out * self.space.mid_min_tenths)
+            .div_ceil(10)
+            .div_ceil(step)
+            .max(1);
+        let high = ((out * self.space.mid_max_tenths / 10).min(self.space.max_mid) / step).max(1);
+        (low, high.max(low))
+    }
+
+    /// Returns the current level of `var`.
+    pub(crate) fn get(&self, net: &Network, var: Var) -> u32 {
+        let step = self.space.channel_step;
+        match var {
+            Var::Stem => net.stem.out / step,
+            Var::Out(i) => net.stages[i].out / step,
+            Var::Mid(i) => mid_width(&net.stages[i]) / step,
+            Var::Head => net.head.expect("head var only exists with a head") / step,
+            Var::Depth(i) => net.stages[i].depth,
+            Var::Kernel(i) => self.kernel_index(net.stages[i].kernel),
+        }
+    }
+
+    fn kernel_index(&self, kernel: u32) -> u32 {
+        self.space
+            .kernels
+            .iter()
+            .position(|k| *k == kernel)
+            .expect("kernels come from the space") as u32
+    }
+
+    /// Returns the inclusive level range of `var` with every other variable fixed.
+    pub(crate) fn range(&self, net: &Network, var: Var) -> (u32, u32) {
+        let step = self.space.channel_step;
+        let growth = self.space.max_growth;
+        let last = self.stages() - 1;
+        let out = |i: usize| net.stages[i].out / step;
+        match var {
+            Var::Stem => {
+                let low = (self.space.min_stem.div_ceil(step)).max(out(0).div_ceil(growth));
+                let high = (self.space.max_stem / step).min(out(0));
+                (low, high)
+            }
+            Var::Out(i) => {
+                let previous = if i == 0 {
+                    net.stem.out / step
+                } else {
+                    out(i - 1)
+                };
+                let mut low = previous;
+                let mut high = (self.space.max_channels / step).min(growth * previous);
+                if i < last {
+                    low = low.max(out(i + 1).div_ceil(growth));
+                    high = high.min(out(i + 1));
+                } else if let Some(head) = net.head {
+                    low = low.max((head / step).div_ceil(self.space.max_head_growth));
+                    high = high.min(head / step);
+                }
+                (low, high)
+            }
+            Var::Mid(i) => self.mid_bounds(net.stages[i].out),
+            Var::Head => {
+                let last_out = out(last);
+                (
+                    last_out,
+                    (self.space.max_head_growth * last_out).min(4096 / step),
+                )
+            }
+            Var::Depth(i) => {
+                let max = if i == 0 {
+                    self.space.first_stage_max_depth.min(self.space.max_depth)
+                } else {
+                    self.space.max_depth
+                };
+                (1, max)
+            }
+            Var::Kernel(_) => (0, self.space.kernels.len() as u32 - 1),
+        }
+    }
+
+    /// Sets `var` to `level`, keeping the width chain and inner-width bounds consistent.
+    pub(crate) fn set(&self, net: &mut Network, var: Var, level: u32) {
+        let step = self.space.channel_step;
+        match var {
+            Var::Stem => {
+                net.stem.out = level * step;
+                net.stages[0].in_channels = level * step;
+            }
+            Var::Out(i) => {
+                net.stages[i].out = level * step;
+                if let Some(next) = net.stages.get_mut(i + 1) {
+                    next.in_channels = level * step;
+                }
+                if self.has_mid() {
+                    let (low, high) = self.mid_bounds(level * step);
+                    let mid = (mid_width(&net.stages[i]) / step).clamp(low, high);
+                    net.stages[i].mid = Some(Mid::Width(mid * step));
+                }
+            }
+            Var::Mid(i) => net.stages[i].mid = Some(Mid::Width(level * step)),
+            Var::Head => net.head = Some(level * step),
+            Var::Depth(i) => net.stages[i].depth = level,
+            Var::Kernel(i) => net.stages[i].kernel = self.space.kernels[level as usize],
+        }
+    }
+
+    /// Sets stage `index`'s output width to `level` and moves the other widths just enough to
+    /// stay inside the space: later stages between the previous width and `max_growth` times
+    /// it, earlier stages (and the stem) between the next width over `max_growth` and it, the
+    /// head within its bounds. Returns false when no such widths exist; callers work on a copy.
+    pub(crate) fn push_out(&self, net: &mut Network, index: usize, level: u32) -> bool {
+        let step = self.space.channel_step;
+        let growth = self.space.max_growth;
+        let max_level = self.space.max_channels / step;
+        self.set(net, Var::Out(index), level.min(max_level));
+        for later in index + 1..net.stages.len() {
+            let previous = net.stages[later - 1].out / step;
+            let current = net.stages[later].out / step;
+            let clamped = current.clamp(previous, (growth * previous).min(max_level));
+            self.set(net, Var::Out(later), clamped);
+        }
+        for earlier in (0..index).rev() {
+            let next = net.stages[earlier + 1].out / step;
+            let current = net.stages[earlier].out / step;
+            self.set(
+                net,
+                Var::Out(earlier),
+                current.clamp(next.div_ceil(growth), next),
+            );
+        }
+        let first = net.stages[0].out / step;
+        let stem = (net.stem.out / step).clamp(first.div_ceil(growth), first);
+        self.set(net, Var::Stem, stem);
+        if let Some(head) = net.head {
+            let last = net.stages.last().expect("at least one stage").out / step;
+            let clamped = (head / step).clamp(last, self.space.max_head_growth * last);
+            self.set(net, Var::Head, clamped);
+        }
+        self.consistent(net)
+    }
+
+    /// Returns true when every variable lies inside its range.
+    pub(crate) fn consistent(&self, net: &Network) -> bool {
+        self.vars().into_iter().all(|var| {
+            let (low, high) = self.range(net, var);
+            (low..=high).contains(&self.get(net, var))
+        })
+    }
+
+    /// Scores `net` under the problem's objective and measures its constraint violation.
+    pub(crate) fn evaluate(&self, net: &Network) -> Eval {
+        self.evaluations.set(self.evaluations.get() + 1);
+        let score = match self.problem.objective {
+            ObjectiveKind::Paper => score_paper(net, &self.alpha, self.problem.beta),
+            ObjectiveKind::Tinynas => {
+                let tiny =
+                    TinyNet::from_network(net).expect("solver designs are TinyNAS-expressible");
+                score_tinynas(&tiny, net.resolution, &self.alpha, self.problem.beta)
+            }
+        };
+        Eval {
+            score,
+            violation: self.violation(&score),
+        }
+    }
+
+    /// Returns the summed relative excess over each bound (0 when feasible).
+    fn violation(&self, score: &Score) -> f64 {
+        let excess = |value: f64, bound: f64| (value / bound - 1.0).max(0.0);
+        let mut total = excess(score.effectiveness, self.problem.rho);
+        if let Some(params) = self.problem.params {
+            total += excess(score.params as f64, params as f64);
+        }
+        if let Some(flops) = self.problem.flops {
+            total += excess(score.flops as f64, flops as f64);
+        }
+        if let Some(layers) = self.problem.max_layers {
+            total += excess(f64::from(score.layers), f64::from(layers));
+        }
+        total
+    }
+
+    /// Returns true when the params and FLOPs budgets hold (rho and layers aside).
+    pub(crate) fn within_budget(&self, score: &Score) -> bool {
+        self.problem.params.is_none_or(|p| score.params <= p)
+            && self.problem.flops.is_none_or(|f| score.flops <= f)
+    }
+
+    /// Sets width `var` to the largest level whose design stays within the params and FLOPs
+    /// budgets (binary search: budget use grows with every width). Returns false, leaving the
+    /// lowest level, when even that is over budget.
+    pub(crate) fn fit(&self, net: &mut Network, var: Var) -> bool {
+        let (mut low, mut high) = self.range(net, var);
+        self.set(net, var, low);
+        if !self.within_budget(&self.evaluate(net).score) {
+            return false;
+        }
+        while low < high {
+            let middle = low + (high - low).div_ceil(2);
+            self.set(net, var, middle);
+            if self.within_budget(&self.evaluate(net).score) {
+                low = middle;
+            } else {
+                high = middle - 1;
+            }
+        }
+        self.set(net, var, low);
+        true
+    }
+}
+
+fn mid_width(stage: &Stage) -> u32 {
+    match stage.mid {
+        Some(Mid::Width(width)) => width,
+        _ => unreachable!("solver stages always carry an absolute inner width"),
+    }
+}

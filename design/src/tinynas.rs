@@ -1,1 +1,0 @@
-//! TinyNAS-compatible scoring (being written).
