@@ -8,6 +8,7 @@
 //! This crate does no I/O, spawns no threads and uses no global random state: every function
 //! is a deterministic function of its arguments.
 
+pub mod analyze;
 pub mod arch;
 pub mod classic;
 pub mod count;

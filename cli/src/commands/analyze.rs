@@ -3,8 +3,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use deepmad_design::score::{analyze_paper, default_alpha, scale_count, Analysis, ObjectiveKind};
-use deepmad_design::tinynas::{analyze_tinynas, TinyNet};
+use deepmad_design::analyze::{analyze_source, Options, Source};
+use deepmad_design::score::Analysis;
 use deepmad_design::{classic, Network};
 use serde_json::json;
 
@@ -12,45 +12,20 @@ use super::Scoring;
 use crate::args::AnalyzeArgs;
 use crate::{render, Failure};
 
-/// Where the architecture came from.
-enum Source {
-    Ir(Network),
-    Tinynas(Vec<TinyNet>),
-}
-
 pub fn run(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> {
     let scoring = Scoring::from_args(&args.scoring)?;
-    let resolution = args.resolution.unwrap_or(224);
-    let num_classes = args.num_classes.unwrap_or(1000);
-    let source = load(args, resolution, num_classes)?;
-    let nets: Vec<Network> = match &source {
-        Source::Ir(net) => vec![net.clone()],
-        Source::Tinynas(tiny) => tiny
-            .iter()
-            .map(|t| t.to_network(num_classes, resolution))
-            .collect::<Result<_, _>>()?,
+    let (source, path) = load(&args.network)?;
+    let options = Options {
+        resolution: args.resolution,
+        num_classes: args.num_classes,
+        objective: scoring.objective,
+        alpha: scoring.alpha,
+        beta: scoring.beta,
     };
-    let mut reports = Vec::new();
-    for (index, net) in nets.iter().enumerate() {
-        let analysis = match scoring.objective {
-            ObjectiveKind::Paper => {
-                let alpha = scoring
-                    .alpha
-                    .clone()
-                    .unwrap_or_else(|| default_alpha(scale_count(net)));
-                analyze_paper(net, &alpha, scoring.beta)?
-            }
-            ObjectiveKind::Tinynas => {
-                let tiny = match &source {
-                    Source::Tinynas(tiny) => tiny[index].clone(),
-                    Source::Ir(net) => TinyNet::from_network(net)?,
-                };
-                let alpha = scoring.alpha.clone().unwrap_or_else(|| default_alpha(5));
-                analyze_tinynas(&tiny, resolution, &alpha, scoring.beta)?
-            }
-        };
-        reports.push((net, analysis));
-    }
+    let reports = analyze_source(&source, &options).map_err(|error| match &path {
+        Some(path) => Failure::usage(format!("{}: {error}", path.display())),
+        None => Failure::from(error),
+    })?;
     if args.json {
         let values: Vec<_> = reports
             .iter()
@@ -66,18 +41,18 @@ pub fn run(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> {
             "{}",
             serde_json::to_string_pretty(&value).expect("JSON values serialize")
         )?;
-    } else {
-        for (index, (net, analysis)) in reports.iter().enumerate() {
-            if index > 0 {
-                writeln!(out)?;
-            }
-            let title = if reports.len() > 1 {
-                format!("{} [{}]", args.network, index + 1)
-            } else {
-                args.network.clone()
-            };
-            render::analysis(out, &title, net, analysis)?;
+        return Ok(());
+    }
+    for (index, (net, analysis)) in reports.iter().enumerate() {
+        if index > 0 {
+            writeln!(out)?;
         }
+        let title = if reports.len() > 1 {
+            format!("{} [{}]", args.network, index + 1)
+        } else {
+            args.network.clone()
+        };
+        render::analysis(out, &title, net, analysis)?;
     }
     Ok(())
 }
@@ -91,39 +66,23 @@ pub fn analysis_json(name: &str, net: &Network, analysis: &Analysis) -> serde_js
     value
 }
 
-/// Loads a built-in network by name, else a file in deepmad JSON or TinyNAS format.
-fn load(args: &AnalyzeArgs, resolution: u32, num_classes: u32) -> Result<Source, Failure> {
-    if let Ok(net) = classic::by_name(&args.network, num_classes, resolution) {
-        return Ok(Source::Ir(net));
+/// Returns a built-in network by name, else the contents of a file (with its path).
+fn load(network: &str) -> Result<(Source, Option<&Path>), Failure> {
+    let normalized = network.to_ascii_lowercase().replace(['-', '_'], "");
+    if classic::NAMES
+        .iter()
+        .any(|name| name.replace('_', "") == normalized)
+    {
+        return Ok((Source::Builtin(network.to_string()), None));
     }
-    let path = Path::new(&args.network);
+    let path = Path::new(network);
     if !path.exists() {
         return Err(Failure::usage(format!(
-            "{:?} is neither a built-in network ({}) nor an existing file",
-            args.network,
+            "{network:?} is neither a built-in network ({}) nor an existing file",
             classic::NAMES.join(", ")
         )));
     }
     let text = std::fs::read_to_string(path)
         .map_err(|error| Failure::usage(format!("cannot read {}: {error}", path.display())))?;
-    let in_file = |message: String| Failure::usage(format!("{}: {message}", path.display()));
-    if looks_like_ir(&text) {
-        let mut net = Network::from_json(&text).map_err(|e| in_file(e.to_string()))?;
-        net.resolution = args.resolution.unwrap_or(net.resolution);
-        net.num_classes = args.num_classes.unwrap_or(net.num_classes);
-        net.validate().map_err(|e| in_file(e.to_string()))?;
-        return Ok(Source::Ir(net));
-    }
-    let nets = TinyNet::parse_all(&text).map_err(|e| in_file(e.to_string()))?;
-    if nets.is_empty() {
-        return Err(in_file("the file holds no structure".into()));
-    }
-    Ok(Source::Tinynas(nets))
-}
-
-/// A deepmad architecture file is a JSON object with a `stages` key.
-fn looks_like_ir(text: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(text)
-        .map(|value| value.get("stages").is_some())
-        .unwrap_or(false)
+    Ok((Source::detect(&text), Some(path)))
 }
