@@ -19,6 +19,133 @@ pub enum Command {
     Analyze(AnalyzeArgs),
     /// Solves DeepMAD's mathematical program for one budget and prints the design.
     Design(DesignArgs),
+    /// Runs the coordinator: sweeps, leases and results over gRPC.
+    Coordinator(CoordinatorArgs),
+    /// Creates, lists, shows, cancels, watches or retries sweeps on a coordinator.
+    Sweep {
+        #[command(subcommand)]
+        command: SweepCommand,
+    },
+    /// Prints the leaderboard of a sweep or of all sweeps.
+    Leaderboard(LeaderboardArgs),
+    /// Exports a sweep's per-trial results (CSV or JSON).
+    Results(ResultsArgs),
+    /// Shows a trial's history.
+    Trial(TrialShowArgs),
+}
+
+/// Where the coordinator is and how to authenticate.
+#[derive(Debug, clap::Args)]
+pub struct RemoteArgs {
+    /// The coordinator's URL.
+    #[arg(long, env = "DEEPMAD_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    pub coordinator: String,
+    /// Bearer token (a client token from the coordinator's configuration).
+    #[arg(long, env = "DEEPMAD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CoordinatorArgs {
+    /// A TOML settings file (see docs/configuration in the README).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:50051.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Database URL: postgres://... or sqlite://FILE (default sqlite://deepmad.db).
+    #[arg(long)]
+    pub database: Option<String>,
+    /// Loads and validates the settings, prints them, and exits.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SweepCommand {
+    /// Creates a sweep from a TOML file (see examples/sweep.toml).
+    Create(SweepCreateArgs),
+    /// Lists sweeps, newest first.
+    List(SweepListArgs),
+    /// Shows one sweep.
+    Show(SweepIdArgs),
+    /// Cancels a sweep: its running trials stop at their next heartbeat.
+    Cancel(SweepIdArgs),
+    /// Shows live progress until the sweep finishes.
+    Watch(SweepIdArgs),
+    /// Requeues a sweep's failed and dead trials.
+    Retry(SweepIdArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SweepCreateArgs {
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SweepListArgs {
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SweepIdArgs {
+    /// The sweep's id.
+    pub sweep: String,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TableFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LeaderboardArgs {
+    /// Only this sweep (default: all sweeps).
+    #[arg(long)]
+    pub sweep: Option<String>,
+    /// Only this dataset (`KIND:PATH` as the sweep named it).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Only this block family.
+    #[arg(long)]
+    pub block: Option<String>,
+    #[arg(long)]
+    pub min_params: Option<String>,
+    #[arg(long)]
+    pub max_params: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: TableFormat,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResultsArgs {
+    #[arg(long)]
+    pub sweep: String,
+    #[arg(long, value_enum, default_value = "csv")]
+    pub format: TableFormat,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrialShowArgs {
+    /// The trial's id.
+    pub trial: String,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

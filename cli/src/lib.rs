@@ -10,6 +10,7 @@ mod render;
 use std::io::Write;
 
 use deepmad_design::DesignError;
+use tokio_util::sync::CancellationToken;
 
 /// Why a command failed, and the exit code to leave with.
 #[derive(Debug)]
@@ -44,10 +45,17 @@ impl From<std::io::Error> for Failure {
     }
 }
 
-/// Runs one command, writing its output to `out`.
-pub fn run(args: args::Args, out: &mut impl Write) -> Result<(), Failure> {
+/// Runs one command, writing its output to `out`. Long-running commands stop when `shutdown`
+/// is cancelled (the binary cancels it on SIGINT and SIGTERM).
+pub async fn run(args: args::Args, out: &mut impl Write, shutdown: CancellationToken) -> Result<(), Failure> {
+    use args::Command;
     match args.command {
-        args::Command::Analyze(analyze) => commands::analyze::run(&analyze, out),
-        args::Command::Design(design) => commands::design::run(&design, out),
+        Command::Analyze(analyze) => commands::analyze::run(&analyze, out),
+        Command::Design(design) => commands::design::run(&design, out),
+        Command::Coordinator(coordinator) => commands::coordinator::run(&coordinator, out, shutdown).await,
+        Command::Sweep { command } => commands::sweep::run(&command, out).await,
+        Command::Leaderboard(leaderboard) => commands::results::leaderboard(&leaderboard, out).await,
+        Command::Results(results) => commands::results::results(&results, out).await,
+        Command::Trial(trial) => commands::results::trial(&trial, out).await,
     }
 }

@@ -184,3 +184,148 @@ pub fn solution(
         solution.evaluations, solution.certificate.kind, solution.certificate.neighbours_checked
     )
 }
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(8)]
+}
+
+fn percent(value: Option<f64>) -> String {
+    value.map_or("-".to_string(), |v| format!("{:.2}", v * 100.0))
+}
+
+fn state_name(value: i32) -> &'static str {
+    use deepmad_proto::v1::SweepState;
+    match SweepState::try_from(value) {
+        Ok(SweepState::Active) => "active",
+        Ok(SweepState::Cancelled) => "cancelled",
+        Ok(SweepState::Completed) => "completed",
+        _ => "-",
+    }
+}
+
+/// Writes a list of sweeps, one line each.
+pub fn sweeps(out: &mut impl Write, sweeps: &[deepmad_proto::v1::SweepSummary]) -> io::Result<()> {
+    let mut table = Table::new(vec!["sweep", "name", "state", "designs", "queued", "running", "done", "failed", "best top-1"], 3);
+    for sweep in sweeps {
+        let counts = sweep.counts.unwrap_or_default();
+        let name: String = sweep.name.chars().take(24).collect();
+        table.rows.push(vec![
+            short(&sweep.sweep_id).to_string(),
+            name,
+            state_name(sweep.state).to_string(),
+            sweep.distinct_designs.to_string(),
+            counts.queued.to_string(),
+            counts.running.to_string(),
+            counts.succeeded.to_string(),
+            (counts.failed + counts.dead).to_string(),
+            percent(sweep.best_top1),
+        ]);
+    }
+    table.write(out)
+}
+
+/// Writes one sweep's summary.
+pub fn sweep(out: &mut impl Write, sweep: &deepmad_proto::v1::SweepSummary) -> io::Result<()> {
+    let counts = sweep.counts.unwrap_or_default();
+    writeln!(out, "sweep {} ({}), {}", sweep.sweep_id, sweep.name, state_name(sweep.state))?;
+    writeln!(out, "dataset {}, created by {}", sweep.dataset, sweep.created_by)?;
+    writeln!(
+        out,
+        "grid points {} ({} infeasible), designs {}",
+        sweep.grid_points, sweep.infeasible_points, sweep.distinct_designs
+    )?;
+    writeln!(
+        out,
+        "trials: queued {}, running {}, succeeded {}, failed {}, dead {}",
+        counts.queued, counts.running, counts.succeeded, counts.failed, counts.dead
+    )?;
+    writeln!(
+        out,
+        "best top-1 {} ({})",
+        percent(sweep.best_top1),
+        sweep.best_design_id.as_deref().map_or("-", short)
+    )
+}
+
+/// Writes what creating a sweep did.
+pub fn sweep_created(out: &mut impl Write, created: &deepmad_proto::v1::CreateSweepResponse) -> io::Result<()> {
+    writeln!(out, "sweep {}", created.sweep_id)?;
+    writeln!(
+        out,
+        "grid points {}, infeasible {}, distinct designs {}",
+        created.grid_points, created.infeasible_points, created.distinct_designs
+    )?;
+    writeln!(
+        out,
+        "trials: new {}, reused results {}, shared with other sweeps {}",
+        created.new_trials, created.reused_results, created.shared_trials
+    )?;
+    for point in &created.infeasible {
+        writeln!(out, "infeasible point {} (rho {}): {}", point.index, point.rho, point.reason)?;
+    }
+    Ok(())
+}
+
+/// Writes a leaderboard: best mean top-1 first.
+pub fn leaderboard(out: &mut impl Write, rows: &[deepmad_proto::v1::LeaderboardRow]) -> io::Result<()> {
+    let mut table = Table::new(
+        vec!["rank", "design", "rho", "params", "FLOPs", "layers", "seeds", "top-1 %", "+-", "top-5 %"],
+        2,
+    );
+    for (rank, row) in rows.iter().enumerate() {
+        table.rows.push(vec![
+            (rank + 1).to_string(),
+            short(&row.design_id).to_string(),
+            row.rho.map_or("-".to_string(), |r| format!("{r}")),
+            format_count(row.params),
+            format_count(row.flops),
+            row.layers.to_string(),
+            row.seeds.to_string(),
+            format!("{:.2}", row.top1_mean * 100.0),
+            format!("{:.2}", row.top1_std * 100.0),
+            format!("{:.2}", row.top5_mean * 100.0),
+        ]);
+    }
+    table.write(out)
+}
+
+/// Writes a trial's history: attempts, epochs and result.
+pub fn trial(out: &mut impl Write, history: &deepmad_proto::v1::TrialHistoryResponse) -> io::Result<()> {
+    writeln!(
+        out,
+        "trial {} design {} seed {} on {}",
+        history.trial_id,
+        short(&history.design_id),
+        history.seed,
+        history.dataset
+    )?;
+    let mut attempts = Table::new(vec!["attempt", "worker", "state", "failure"], 2);
+    for attempt in &history.attempts {
+        attempts.rows.push(vec![
+            short(&attempt.attempt_id).to_string(),
+            short(&attempt.worker_id).to_string(),
+            attempt.state.to_string(),
+            attempt.failure_message.clone().unwrap_or_default(),
+        ]);
+    }
+    attempts.write(out)?;
+    let mut epochs = Table::new(vec!["epoch", "train loss", "test loss", "top-1 %", "top-5 %", "img/s"], 1);
+    for epoch in &history.epochs {
+        epochs.rows.push(vec![
+            epoch.epoch.to_string(),
+            format!("{:.4}", epoch.train_loss),
+            format!("{:.4}", epoch.test_loss),
+            format!("{:.2}", epoch.top1 * 100.0),
+            format!("{:.2}", epoch.top5 * 100.0),
+            format!("{:.0}", epoch.images_per_second),
+        ]);
+    }
+    epochs.write(out)?;
+    if let Some(result) = &history.result {
+        writeln!(out, "result: top-1 {:.2}%, top-5 {:.2}%", result.top1 * 100.0, result.top5 * 100.0)?;
+    }
+    for late in &history.late_results {
+        writeln!(out, "late report from attempt {} (kept, not counted)", short(&late.attempt_id))?;
+    }
+    Ok(())
+}

@@ -1,6 +1,18 @@
-//! deepmad-coordinator: the gRPC service that expands sweeps into designs and trials, stores
-//! them (PostgreSQL or embedded SQLite), leases training work to workers and serves
-//! leaderboards.
+//! deepmad-coordinator: the service that expands sweeps into designs and trials, stores them
+//! (PostgreSQL, or SQLite embedded), leases training work to workers and serves leaderboards.
 //!
-//! Not built yet: issue 3 fills this crate. It exists now so the workspace has its final
-//! shape and dependency direction (`design <- proto <- coordinator <- cli`).
+//! Start reading at [`model`] (ids and states), then [`store`] (one type per backend, one method
+//! per use case, the lease protocol's transactions).
+
+pub mod app;
+pub mod auth;
+pub mod convert;
+pub mod error;
+pub mod grpc;
+pub mod metrics;
+pub mod model;
+pub mod server;
+pub mod service;
+pub mod settings;
+pub mod store;
+pub mod sweep;

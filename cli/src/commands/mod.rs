@@ -1,7 +1,11 @@
 //! One module per subcommand, plus the option parsing they share.
 
 pub mod analyze;
+pub mod coordinator;
 pub mod design;
+pub mod remote;
+pub mod results;
+pub mod sweep;
 
 use deepmad_design::score::ObjectiveKind;
 use deepmad_design::units::parse_count;
@@ -52,7 +56,7 @@ fn parse_weight(flag: &str, text: &str) -> Result<f64, Failure> {
 }
 
 /// Parses an optional budget with human units, naming the flag on failure.
-fn parse_budget(flag: &'static str, text: Option<&String>) -> Result<Option<u64>, Failure> {
+pub fn parse_budget(flag: &'static str, text: Option<&String>) -> Result<Option<u64>, Failure> {
     text.map(|text| parse_count(flag, text))
         .transpose()
         .map_err(Failure::from)

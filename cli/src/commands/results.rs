@@ -1,0 +1,135 @@
+//! `deepmad leaderboard`, `deepmad results` and `deepmad trials show`: reading results.
+
+use std::io::Write;
+
+use deepmad_proto::v1;
+
+use super::remote::{status_failure, Remote};
+use crate::args::{LeaderboardArgs, ResultsArgs, TableFormat, TrialShowArgs};
+use crate::{render, Failure};
+
+pub async fn leaderboard(args: &LeaderboardArgs, out: &mut impl Write) -> Result<(), Failure> {
+    let family = match &args.block {
+        None => 0,
+        Some(name) => {
+            let family = deepmad_design::solver::Family::parse(name)?;
+            v1::Family::from(family) as i32
+        }
+    };
+    let request = v1::LeaderboardRequest {
+        sweep_id: args.sweep.clone(),
+        dataset: args.dataset.clone(),
+        family,
+        min_params: super::parse_budget("min-params", args.min_params.as_ref())?,
+        max_params: super::parse_budget("max-params", args.max_params.as_ref())?,
+        limit: args.limit,
+    };
+    let remote = Remote::connect(&args.remote).await?;
+    let rows = remote.results().leaderboard(request).await.map_err(status_failure)?.into_inner().rows;
+    match args.format {
+        TableFormat::Table => render::leaderboard(out, &rows)?,
+        TableFormat::Json => {
+            let values: Vec<_> = rows.iter().map(leaderboard_json).collect();
+            writeln!(out, "{}", serde_json::to_string_pretty(&values).expect("JSON serializes"))?;
+        }
+        TableFormat::Csv => {
+            writeln!(out, "design_id,family,dataset,recipe_hash,params,flops,layers,effectiveness,entropy,rho,seeds,top1_mean,top1_std,top5_mean")?;
+            for row in &rows {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                    row.design_id,
+                    family_name(row.family),
+                    csv_field(&row.dataset),
+                    row.recipe_hash,
+                    row.params,
+                    row.flops,
+                    row.layers,
+                    row.effectiveness,
+                    row.entropy,
+                    row.rho.map_or(String::new(), |r| r.to_string()),
+                    row.seeds,
+                    row.top1_mean,
+                    row.top1_std,
+                    row.top5_mean
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn leaderboard_json(row: &v1::LeaderboardRow) -> serde_json::Value {
+    serde_json::json!({
+        "design_id": row.design_id, "family": family_name(row.family), "dataset": row.dataset,
+        "recipe_hash": row.recipe_hash, "params": row.params, "flops": row.flops, "layers": row.layers,
+        "effectiveness": row.effectiveness, "entropy": row.entropy, "rho": row.rho, "seeds": row.seeds,
+        "top1_mean": row.top1_mean, "top1_std": row.top1_std, "top5_mean": row.top5_mean,
+    })
+}
+
+pub fn family_name(value: i32) -> &'static str {
+    match v1::Family::try_from(value) {
+        Ok(v1::Family::Basic) => "basic",
+        Ok(v1::Family::Bottleneck) => "bottleneck",
+        Ok(v1::Family::Mbconv) => "mbconv",
+        Ok(v1::Family::MbconvSe) => "mbconv-se",
+        _ => "-",
+    }
+}
+
+/// Quotes a CSV field when it holds a comma, a quote or a newline.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Failure> {
+    let remote = Remote::connect(&args.remote).await?;
+    let request = v1::ExportResultsRequest { sweep_id: args.sweep.clone() };
+    let mut stream = remote.results().export_results(request).await.map_err(status_failure)?.into_inner();
+    let mut rows = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(status_failure)? {
+        rows.extend(chunk.rows);
+    }
+    match args.format {
+        TableFormat::Json => {
+            let values: Vec<_> = rows.iter().map(result_json).collect();
+            writeln!(out, "{}", serde_json::to_string_pretty(&values).expect("JSON serializes"))?;
+        }
+        TableFormat::Csv | TableFormat::Table => {
+            writeln!(out, "trial_id,design_id,family,dataset,recipe_hash,seed,rho,params,flops,layers,effectiveness,entropy,top1,top5,test_loss,train_seconds,epochs")?;
+            for row in &rows {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                    row.trial_id, row.design_id, family_name(row.family), csv_field(&row.dataset), row.recipe_hash,
+                    row.seed, row.rho.map_or(String::new(), |r| r.to_string()), row.params, row.flops, row.layers,
+                    row.effectiveness, row.entropy, row.top1, row.top5, row.test_loss, row.train_seconds, row.epochs
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn result_json(row: &v1::ResultRow) -> serde_json::Value {
+    serde_json::json!({
+        "trial_id": row.trial_id, "design_id": row.design_id, "family": family_name(row.family),
+        "dataset": row.dataset, "recipe_hash": row.recipe_hash, "seed": row.seed, "rho": row.rho,
+        "params": row.params, "flops": row.flops, "layers": row.layers, "effectiveness": row.effectiveness,
+        "entropy": row.entropy, "top1": row.top1, "top5": row.top5, "test_loss": row.test_loss,
+        "train_seconds": row.train_seconds, "epochs": row.epochs,
+    })
+}
+
+pub async fn trial(args: &TrialShowArgs, out: &mut impl Write) -> Result<(), Failure> {
+    let remote = Remote::connect(&args.remote).await?;
+    let request = v1::TrialHistoryRequest { trial_id: args.trial.clone() };
+    let history = remote.results().trial_history(request).await.map_err(status_failure)?.into_inner();
+    render::trial(out, &history)?;
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! The coordinator's use cases, independent of gRPC: [`Coordinator`] turns requests into
+//! store transactions and solver runs. The gRPC handlers (`grpc/`) only convert and call it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::model::{AttemptId, FailureClass, LeaseToken, SweepId, TrialId, WorkerId};
+use crate::store::{
+    CompleteOutcome, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome, Lease,
+    LeaderboardFilter, LeaderboardRow, NewGridPoint, NewWorker, ResultRecord, Progress, RetryPolicy, Store, SweepCreated,
+    SweepSummary, TrialHistory,
+};
+use crate::sweep::{assemble, solve_all, SweepSpec};
+
+/// The protocol version workers must speak.
+pub const PROTOCOL_VERSION: i32 = deepmad_proto::PROTOCOL_VERSION as i32;
+
+/// The operating parameters of the work protocol (from the validated settings).
+#[derive(Clone, Debug)]
+pub struct WorkConfig {
+    pub lease_ms: i64,
+    pub heartbeat_interval_ms: i64,
+    pub grace_ms: i64,
+    pub reaper_interval_ms: i64,
+    pub max_attempts: u32,
+    pub max_grid_points: usize,
+    pub retry: RetryPolicy,
+    /// Threads that solve a sweep's grid points.
+    pub solver_threads: usize,
+}
+
+/// Time as the coordinator sees it: the wall clock at start-up plus tokio's monotonic time
+/// since, so that tests can pause and advance time and leases expire exactly then.
+#[derive(Clone, Debug)]
+pub struct Clock {
+    started_wall: DateTime<Utc>,
+    started: tokio::time::Instant,
+}
+
+impl Clock {
+    /// Returns a clock starting now.
+    pub fn new() -> Clock {
+        Clock {
+            started_wall: Utc::now(),
+            started: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Returns the current time.
+    pub fn now(&self) -> DateTime<Utc> {
+        let elapsed = tokio::time::Instant::now() - self.started;
+        self.started_wall + chrono::Duration::from_std(elapsed).expect("uptime fits in chrono")
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// The coordinator: one per process, shared by every handler.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub store: Store,
+    pub config: WorkConfig,
+    pub metrics: Arc<Metrics>,
+    pub clock: Clock,
+    /// Cancelled when the process shuts down: long-lived streams end on it.
+    pub shutdown: CancellationToken,
+}
+
+impl Coordinator {
+    /// Returns a coordinator over `store`.
+    pub fn new(store: Store, config: WorkConfig, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Coordinator {
+        Coordinator {
+            store,
+            config,
+            metrics,
+            clock: Clock::new(),
+            shutdown,
+        }
+    }
+
+    /// Gives every running lease a grace period, so this coordinator's own downtime is not
+    /// charged to workers. Called once at start-up.
+    pub async fn start_up(&self) -> Result<u32, Error> {
+        let extended = self.store.grant_grace(self.config.grace_ms, self.clock.now()).await?;
+        if extended > 0 {
+            info!(extended, grace_ms = self.config.grace_ms, "running leases given a grace period");
+        }
+        Ok(extended)
+    }
+
+    /// Solves the sweep's grid off the async runtime, stores designs, grid and trials in one
+    /// transaction and returns what it did, with the infeasible points' reasons.
+    pub async fn create_sweep(&self, spec: SweepSpec, created_by: &str) -> Result<(SweepId, SweepCreated, Vec<NewGridPoint>), Error> {
+        let problems = spec.problems(self.config.max_grid_points)?;
+        let threads = self.config.solver_threads;
+        let solved = tokio::task::spawn_blocking(move || solve_all(problems, threads))
+            .await
+            .map_err(|error| Error::Internal(format!("solver task failed: {error}")))?;
+        let id = SweepId::new();
+        let sweep = assemble(id, &spec, created_by, &solved, self.config.max_attempts)?;
+        let infeasible = sweep
+            .grid
+            .iter()
+            .filter(|point| point.infeasible_reason.is_some())
+            .cloned()
+            .collect();
+        let created = self.store.create_sweep(&sweep, self.clock.now()).await?;
+        info!(sweep = %id, grid_points = created.grid_points, new_trials = created.new_trials, "sweep created");
+        self.refresh_queue_metrics().await;
+        Ok((id, created, infeasible))
+    }
+
+    pub async fn get_sweep(&self, id: SweepId) -> Result<SweepSummary, Error> {
+        Ok(self.store.get_sweep(id).await?)
+    }
+
+    pub async fn list_sweeps(&self, limit: u32) -> Result<Vec<SweepSummary>, Error> {
+        Ok(self.store.list_sweeps(limit.clamp(1, 1000)).await?)
+    }
+
+    pub async fn cancel_sweep(&self, id: SweepId) -> Result<SweepSummary, Error> {
+        let summary = self.store.cancel_sweep(id, self.clock.now()).await?;
+        info!(sweep = %id, "sweep cancelled");
+        Ok(summary)
+    }
+
+    pub async fn retry_trials(&self, id: SweepId) -> Result<u32, Error> {
+        Ok(self.store.retry_trials(id, self.clock.now()).await?)
+    }
+
+    pub async fn register(&self, worker: NewWorker) -> Result<(), Error> {
+        if worker.protocol_version != PROTOCOL_VERSION {
+            return Err(Error::InvalidArgument {
+                field: "protocol_version".into(),
+                reason: format!("this coordinator speaks {PROTOCOL_VERSION}, the worker {}", worker.protocol_version),
+            });
+        }
+        self.store.register_worker(&worker, self.clock.now()).await?;
+        info!(worker = %worker.id, name = %worker.name, "worker registered");
+        Ok(())
+    }
+
+    pub async fn lease(&self, worker: WorkerId) -> Result<Option<Lease>, Error> {
+        let lease = self.store.claim(worker, self.config.lease_ms, self.clock.now()).await?;
+        if let Some(lease) = &lease {
+            self.metrics.lease_granted();
+            info!(%worker, trial = %lease.trial, attempt = %lease.attempt, "trial leased");
+        }
+        Ok(lease)
+    }
+
+    pub async fn heartbeat(&self, attempt: AttemptId, token: LeaseToken, progress: &Progress, epochs: &[EpochMetrics]) -> Result<HeartbeatOutcome, Error> {
+        self.metrics.heartbeat();
+        let outcome = self
+            .store
+            .heartbeat(attempt, token, progress, epochs, self.config.lease_ms, self.clock.now())
+            .await?;
+        if !matches!(outcome, HeartbeatOutcome::Continue { .. }) {
+            info!(%attempt, ?outcome, "heartbeat told the worker to stop");
+        }
+        Ok(outcome)
+    }
+
+    pub async fn complete(&self, attempt: AttemptId, token: LeaseToken, metrics: &FinalMetrics) -> Result<CompleteOutcome, Error> {
+        let outcome = self.store.complete(attempt, token, metrics, self.clock.now()).await?;
+        self.metrics.completed(outcome);
+        if outcome == CompleteOutcome::Recorded {
+            self.metrics.trial_duration(metrics.train_seconds);
+        }
+        info!(%attempt, ?outcome, top1 = metrics.top1, "completion reported");
+        self.refresh_queue_metrics().await;
+        Ok(outcome)
+    }
+
+    pub async fn fail(&self, attempt: AttemptId, token: LeaseToken, class: FailureClass, message: &str) -> Result<FailOutcome, Error> {
+        let outcome = self
+            .store
+            .fail(attempt, token, class, message, None, &self.config.retry, self.clock.now())
+            .await?;
+        self.metrics.retried(class);
+        warn!(%attempt, %class, message, ?outcome, "attempt failed");
+        self.refresh_queue_metrics().await;
+        Ok(outcome)
+    }
+
+    pub async fn leaderboard(&self, filter: &LeaderboardFilter) -> Result<Vec<LeaderboardRow>, Error> {
+        Ok(self.store.leaderboard(filter).await?)
+    }
+
+    pub async fn export_results(&self, sweep: SweepId) -> Result<Vec<ResultRecord>, Error> {
+        Ok(self.store.export_results(sweep).await?)
+    }
+
+    pub async fn trial_history(&self, trial: TrialId) -> Result<TrialHistory, Error> {
+        Ok(self.store.trial_history(trial).await?)
+    }
+
+    /// Returns expired leases' trials to the queue once.
+    pub async fn reap(&self) -> Result<u32, Error> {
+        let reaped = self.store.reap_expired(&self.config.retry, self.clock.now()).await?;
+        if reaped > 0 {
+            self.metrics.reaped(reaped);
+            warn!(reaped, "expired leases returned to the queue");
+            self.refresh_queue_metrics().await;
+        }
+        Ok(reaped)
+    }
+
+    /// Runs the reaper every `reaper_interval_ms` until `shutdown` is cancelled. A database
+    /// outage is logged and retried at the next tick, never fatal.
+    pub async fn run_reaper(self: Arc<Self>, shutdown: CancellationToken) {
+        let period = Duration::from_millis(self.config.reaper_interval_ms.max(1) as u64);
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {
+                    if let Err(error) = self.reap().await {
+                        warn!(%error, "reaper could not reach the store; retrying next tick");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn refresh_queue_metrics(&self) {
+        if let Ok(counts) = self.store.queue_counts().await {
+            self.metrics.set_queue(counts);
+        }
+    }
+}

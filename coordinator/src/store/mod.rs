@@ -1,0 +1,324 @@
+//! The coordinator's store: designs, sweeps, trials, leases and results, on PostgreSQL
+//! ([`PgStore`]) or on an embedded SQLite file ([`SqliteStore`]).
+//!
+//! [`Store`] dispatches one method per use case to the backend; both backends run the same
+//! conformance suite (`coordinator/tests/store.rs`). Start with [`Store::claim`],
+//! [`Store::heartbeat`] and [`Store::complete`]: the leased, fenced work protocol of
+//! `shared/DESIGN.md`. The decisions they share (backoff, retry limits, derived sweep state)
+//! are pure functions in `rules.rs`; the schema is `migrations/` and `docs/schema.md`.
+//!
+//! Times are parameters (`now`), never read from the clock, and are truncated to
+//! microseconds, the precision both backends keep.
+//!
+//! Locking rule, so transactions cannot deadlock: sweep-level changes (create, cancel, retry,
+//! finish) are serialised (an advisory lock on PostgreSQL, the single writer on SQLite); a
+//! transaction that changes a trial and its attempts locks the trial row first.
+
+mod assemble;
+mod error;
+mod pg;
+mod rules;
+mod sqlite;
+pub mod types;
+
+use chrono::{DateTime, Utc};
+
+pub use error::StoreError;
+pub use pg::PgStore;
+pub use sqlite::SqliteStore;
+pub use types::*;
+
+use crate::model::{AttemptId, FailureClass, LeaseToken, SweepId, TrialId, TrialState, WorkerId};
+use rules::micros;
+
+/// A failure report's arguments, as the backends take them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FailureReport<'a> {
+    pub class: FailureClass,
+    pub message: &'a str,
+    pub max_attempts_override: Option<i32>,
+    pub policy: &'a RetryPolicy,
+}
+
+/// The store on one of its backends. Cloning it is cheap: clones share the connection pool.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+impl Store {
+    /// Connects to `postgres://...` or `sqlite://PATH` (the file is created if missing) with
+    /// default pool settings, and applies that backend's embedded migrations.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Store::connect_with(url, &PoolSettings::default()).await
+    }
+
+    /// Connects like [`Store::connect`] with the given pool settings.
+    pub async fn connect_with(url: &str, pool: &PoolSettings) -> Result<Store, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Store::Postgres(PgStore::connect(url, pool).await?))
+        } else if url.starts_with("sqlite:") {
+            Ok(Store::Sqlite(SqliteStore::connect(url, pool).await?))
+        } else {
+            let scheme = url.split(':').next().unwrap_or_default();
+            Err(StoreError::Database(format!(
+                "unsupported database url scheme {scheme:?}: use postgres:// or sqlite://"
+            )))
+        }
+    }
+
+    /// Returns `"postgres"` or `"sqlite"`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgres",
+            Store::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Closes the connection pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        match self {
+            Store::Postgres(store) => store.close().await,
+            Store::Sqlite(store) => store.close().await,
+        }
+    }
+
+    /// Writes a sweep in one transaction: its designs (insert-or-ignore by id), the sweep,
+    /// its grid points, one trial per distinct (feasible design, seed) — an existing trial
+    /// with the same (design, recipe, dataset, seed) is linked instead — and the links.
+    /// Nothing is written on any error; a taken sweep id is `Conflict { "sweeps_pkey" }`.
+    pub async fn create_sweep(
+        &self,
+        sweep: &NewSweep,
+        now: DateTime<Utc>,
+    ) -> Result<SweepCreated, StoreError> {
+        match self {
+            Store::Postgres(store) => store.create_sweep(sweep, micros(now)).await,
+            Store::Sqlite(store) => store.create_sweep(sweep, micros(now)).await,
+        }
+    }
+
+    /// Returns a sweep's summary; an `active` sweep with no queued or running trial shows
+    /// as `completed`.
+    pub async fn get_sweep(&self, id: SweepId) -> Result<SweepSummary, StoreError> {
+        match self {
+            Store::Postgres(store) => store.get_sweep(id).await,
+            Store::Sqlite(store) => store.get_sweep(id).await,
+        }
+    }
+
+    /// Returns the newest `limit` sweeps (0 means 100), newest first.
+    pub async fn list_sweeps(&self, limit: u32) -> Result<Vec<SweepSummary>, StoreError> {
+        match self {
+            Store::Postgres(store) => store.list_sweeps(limit).await,
+            Store::Sqlite(store) => store.list_sweeps(limit).await,
+        }
+    }
+
+    /// Cancels an active sweep: trials no active sweep needs any more are not leased, and
+    /// their running attempts are told `Cancelled` at their next heartbeat. A completed or
+    /// cancelled sweep is returned unchanged.
+    pub async fn cancel_sweep(
+        &self,
+        id: SweepId,
+        now: DateTime<Utc>,
+    ) -> Result<SweepSummary, StoreError> {
+        match self {
+            Store::Postgres(store) => store.cancel_sweep(id, micros(now)).await,
+            Store::Sqlite(store) => store.cancel_sweep(id, micros(now)).await,
+        }
+    }
+
+    /// Requeues the sweep's `failed` and `dead` trials now, with their retry counters reset,
+    /// and makes the sweep active again if it was not. Returns how many were requeued.
+    pub async fn retry_trials(
+        &self,
+        sweep: SweepId,
+        now: DateTime<Utc>,
+    ) -> Result<u32, StoreError> {
+        match self {
+            Store::Postgres(store) => store.retry_trials(sweep, micros(now)).await,
+            Store::Sqlite(store) => store.retry_trials(sweep, micros(now)).await,
+        }
+    }
+
+    /// Records a worker incarnation (registering the same id again updates it).
+    pub async fn register_worker(
+        &self,
+        worker: &NewWorker,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Postgres(store) => store.register_worker(worker, micros(now)).await,
+            Store::Sqlite(store) => store.register_worker(worker, micros(now)).await,
+        }
+    }
+
+    /// Leases the oldest queued trial whose backoff has passed and that an active sweep
+    /// needs, atomically: the trial becomes `running` under a new attempt with a fresh lease
+    /// token until `now + lease_ms`. Returns `None` when there is no such trial; an unknown
+    /// worker is `NotFound`.
+    pub async fn claim(
+        &self,
+        worker: WorkerId,
+        lease_ms: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Lease>, StoreError> {
+        match self {
+            Store::Postgres(store) => store.claim(worker, lease_ms, micros(now)).await,
+            Store::Sqlite(store) => store.claim(worker, lease_ms, micros(now)).await,
+        }
+    }
+
+    /// Records progress and epoch metrics and extends the lease to `now + lease_ms`, while
+    /// the attempt holds its lease (running, and `now` not past its expiry). A lease past its
+    /// expiry is `LeaseLost` at once, even before the reaper has run: the reaper then
+    /// requeues the trial under the retry policy, which a heartbeat does not carry. An
+    /// attempt whose sweeps were all cancelled is told `Cancelled`, ends `cancelled`, and its
+    /// trial is queued again (not leased until an active sweep needs it). A token that is not
+    /// the attempt's is `NotLeaseHolder`.
+    #[allow(clippy::too_many_arguments)] // One argument per field of the heartbeat message.
+    pub async fn heartbeat(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+        progress: &Progress,
+        epochs: &[EpochMetrics],
+        lease_ms: i64,
+        now: DateTime<Utc>,
+    ) -> Result<HeartbeatOutcome, StoreError> {
+        let now = micros(now);
+        match self {
+            Store::Postgres(store) => {
+                store
+                    .heartbeat(attempt, token, progress, epochs, lease_ms, now)
+                    .await
+            }
+            Store::Sqlite(store) => {
+                store
+                    .heartbeat(attempt, token, progress, epochs, lease_ms, now)
+                    .await
+            }
+        }
+    }
+
+    /// Records an attempt's final metrics in one transaction, idempotently: the lease
+    /// holder's first report is the trial's result (`Recorded`); a repeat is `Duplicate`; a
+    /// report from an attempt that no longer holds the lease (expired, reaped, re-leased,
+    /// cancelled) is kept in `late_results` and never counted (`Late`, again `Late` for a
+    /// repeat). A token that is not the attempt's is `NotLeaseHolder`.
+    pub async fn complete(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+        metrics: &FinalMetrics,
+        now: DateTime<Utc>,
+    ) -> Result<CompleteOutcome, StoreError> {
+        match self {
+            Store::Postgres(store) => store.complete(attempt, token, metrics, micros(now)).await,
+            Store::Sqlite(store) => store.complete(attempt, token, metrics, micros(now)).await,
+        }
+    }
+
+    /// Records a failed attempt and decides the trial's fate: a deterministic failure counts
+    /// against the trial's `max_attempts` (or `max_attempts_override`) and at the limit the
+    /// trial is `failed`; a retryable failure or a lost worker does not count, but past the
+    /// policy's `max_requeues` the trial is `dead`; otherwise it is requeued with backoff
+    /// `base * 2^(earlier retries)`, capped. An attempt that no longer holds the lease
+    /// changes nothing (`FailOutcome::NotLeaseHolder`).
+    #[allow(clippy::too_many_arguments)] // One argument per field of the failure message.
+    pub async fn fail(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+        class: FailureClass,
+        message: &str,
+        max_attempts_override: Option<i32>,
+        policy: &RetryPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<FailOutcome, StoreError> {
+        let now = micros(now);
+        let report = FailureReport {
+            class,
+            message,
+            max_attempts_override,
+            policy,
+        };
+        match self {
+            Store::Postgres(store) => store.fail(attempt, token, &report, now).await,
+            Store::Sqlite(store) => store.fail(attempt, token, &report, now).await,
+        }
+    }
+
+    /// Expires running attempts whose lease ended before `now` and requeues their trials
+    /// with backoff (a lost worker does not count against `max_attempts`). Safe to run from
+    /// several coordinators at once. Also marks active sweeps with no open trial
+    /// `completed`. Returns how many attempts it expired.
+    pub async fn reap_expired(
+        &self,
+        policy: &RetryPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<u32, StoreError> {
+        match self {
+            Store::Postgres(store) => store.reap_expired(policy, micros(now)).await,
+            Store::Sqlite(store) => store.reap_expired(policy, micros(now)).await,
+        }
+    }
+
+    /// Extends every running lease to at least `now + grace_ms`, so the coordinator's own
+    /// downtime is not charged to workers. Returns how many leases it extended.
+    pub async fn grant_grace(&self, grace_ms: i64, now: DateTime<Utc>) -> Result<u32, StoreError> {
+        match self {
+            Store::Postgres(store) => store.grant_grace(grace_ms, micros(now)).await,
+            Store::Sqlite(store) => store.grant_grace(grace_ms, micros(now)).await,
+        }
+    }
+
+    /// Returns the best designs by mean top-1 over seeds, per (design, dataset, recipe).
+    pub async fn leaderboard(
+        &self,
+        filter: &LeaderboardFilter,
+    ) -> Result<Vec<LeaderboardRow>, StoreError> {
+        match self {
+            Store::Postgres(store) => store.leaderboard(filter).await,
+            Store::Sqlite(store) => store.leaderboard(filter).await,
+        }
+    }
+
+    /// Returns every result of a sweep's trials, with its design's numbers, by design and
+    /// seed (`deepmad results export`).
+    pub async fn export_results(&self, sweep: SweepId) -> Result<Vec<ResultRecord>, StoreError> {
+        match self {
+            Store::Postgres(store) => store.export_results(sweep).await,
+            Store::Sqlite(store) => store.export_results(sweep).await,
+        }
+    }
+
+    /// Returns a trial with its attempts, epoch metrics, result and late results.
+    pub async fn trial_history(&self, trial: TrialId) -> Result<TrialHistory, StoreError> {
+        match self {
+            Store::Postgres(store) => store.trial_history(trial).await,
+            Store::Sqlite(store) => store.trial_history(trial).await,
+        }
+    }
+
+    /// Returns how many trials are in each state, over all sweeps.
+    pub async fn queue_counts(&self) -> Result<TrialCounts, StoreError> {
+        match self {
+            Store::Postgres(store) => store.queue_counts().await,
+            Store::Sqlite(store) => store.queue_counts().await,
+        }
+    }
+
+    /// Returns a sweep's trials and their states, by trial id.
+    pub async fn sweep_trials(
+        &self,
+        sweep: SweepId,
+    ) -> Result<Vec<(TrialId, TrialState)>, StoreError> {
+        match self {
+            Store::Postgres(store) => store.sweep_trials(sweep).await,
+            Store::Sqlite(store) => store.sweep_trials(sweep).await,
+        }
+    }
+}

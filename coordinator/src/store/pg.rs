@@ -1,0 +1,103 @@
+//! The PostgreSQL backend: the cluster's store.
+//!
+//! Claims are one statement (`FOR UPDATE SKIP LOCKED`), so many coordinators' workers lease
+//! from one queue without blocking each other. Every transaction that changes a trial and its
+//! attempts locks the trial row first; sweep-level changes take a transaction-scoped advisory
+//! lock ([`SWEEPS_LOCK`]) so they never interleave. Leaderboard reads take no locks.
+//!
+//! The methods live in `pg/sweeps.rs` (sweeps), `pg/lease.rs` (the work protocol) and
+//! `pg/reads.rs` (leaderboards, histories, counts).
+
+mod lease;
+mod reads;
+mod sweeps;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{PgConnection, Row};
+
+use super::types::{EpochMetrics, PoolSettings};
+use super::StoreError;
+use crate::model::{AttemptId, TrialId};
+
+/// The advisory lock key that serialises sweep-level changes (create, cancel, retry,
+/// finish): the bytes of "deepmad" as a number.
+const SWEEPS_LOCK: i64 = 0x0064_6565_706d_6164;
+
+/// The store on PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to `url` and applies the embedded PostgreSQL migrations.
+    pub(crate) async fn connect(url: &str, settings: &PoolSettings) -> Result<PgStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect(url)
+            .await?;
+        sqlx::migrate!("../migrations/postgres").run(&pool).await?;
+        Ok(PgStore { pool })
+    }
+
+    /// Closes the pool.
+    pub(crate) async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Takes the sweep-level advisory lock until the end of the transaction.
+async fn lock_sweeps(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SWEEPS_LOCK)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Inserts or replaces an attempt's epoch metrics, keyed by (attempt, epoch).
+async fn upsert_epochs(
+    conn: &mut PgConnection,
+    attempt: AttemptId,
+    trial: TrialId,
+    epochs: &[EpochMetrics],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), StoreError> {
+    if epochs.is_empty() {
+        return Ok(());
+    }
+    let column = |pick: fn(&EpochMetrics) -> f64| epochs.iter().map(pick).collect::<Vec<f64>>();
+    sqlx::query(
+        "INSERT INTO epoch_metrics (attempt_id, epoch, trial_id, train_loss, test_loss, top1, \
+             top5, images_per_second, learning_rate, recorded_at) \
+         SELECT $1, e.epoch, $2, e.train_loss, e.test_loss, e.top1, e.top5, \
+             e.images_per_second, e.learning_rate, $3 \
+         FROM UNNEST($4::integer[], $5::float8[], $6::float8[], $7::float8[], $8::float8[], \
+             $9::float8[], $10::float8[]) \
+             AS e(epoch, train_loss, test_loss, top1, top5, images_per_second, learning_rate) \
+         ON CONFLICT ON CONSTRAINT epoch_metrics_pkey DO UPDATE SET \
+             train_loss = EXCLUDED.train_loss, test_loss = EXCLUDED.test_loss, \
+             top1 = EXCLUDED.top1, top5 = EXCLUDED.top5, \
+             images_per_second = EXCLUDED.images_per_second, \
+             learning_rate = EXCLUDED.learning_rate, recorded_at = EXCLUDED.recorded_at",
+    )
+    .bind(attempt.0)
+    .bind(trial.0)
+    .bind(now)
+    .bind(epochs.iter().map(|e| e.epoch).collect::<Vec<i32>>())
+    .bind(column(|e| e.train_loss))
+    .bind(column(|e| e.test_loss))
+    .bind(column(|e| e.top1))
+    .bind(column(|e| e.top5))
+    .bind(column(|e| e.images_per_second))
+    .bind(column(|e| e.learning_rate))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Reads a `count(*)` column as the `i64` PostgreSQL returns.
+fn count(row: &sqlx::postgres::PgRow, column: &str) -> Result<i64, StoreError> {
+    Ok(row.try_get::<i64, _>(column)?)
+}

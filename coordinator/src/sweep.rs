@@ -1,0 +1,423 @@
+//! Sweeps: the user's request, its validation, and its expansion into solved designs.
+//!
+//! A [`SweepSpec`] is a grid over block families, rho values, alpha vectors and budgets, plus
+//! a training recipe, a dataset and seeds. [`expand`] solves every grid point with the design
+//! crate's solver on blocking threads (never on the async runtime), deduplicates the designs by
+//! content hash and returns a [`NewSweep`] ready for one store transaction.
+
+use std::collections::BTreeMap;
+
+use deepmad_design::score::ObjectiveKind;
+use deepmad_design::solver::{solve, Family, Problem, SearchSpace, Solution};
+use deepmad_design::units::parse_count;
+use deepmad_design::DesignError;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+use crate::model::{DesignId, SweepId};
+use crate::store::{NewDesign, NewGridPoint, NewSweep};
+
+/// The version of the solver that produced a design, stored with it.
+pub const SOLVER_VERSION: &str = concat!("deepmad-design ", env!("CARGO_PKG_VERSION"));
+
+/// A budget: parameters and/or FLOPs (multiply-accumulates), in human units in TOML.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSpec {
+    #[serde(default, deserialize_with = "count::optional")]
+    pub params: Option<u64>,
+    #[serde(default, deserialize_with = "count::optional")]
+    pub flops: Option<u64>,
+}
+
+/// The grid of design problems.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridSpec {
+    /// Block families: basic, bottleneck, mbconv, mbconv-se.
+    pub block: Vec<String>,
+    pub rho: Vec<f64>,
+    /// Alpha vectors; empty means the default {1, ..., 1, 8}.
+    #[serde(default)]
+    pub alpha: Vec<Vec<f64>>,
+    pub budget: Vec<BudgetSpec>,
+    pub resolution: u32,
+    pub num_classes: u32,
+    /// Input channels of the images (3 RGB, 1 grayscale).
+    #[serde(default = "default_in_channels")]
+    pub in_channels: u32,
+    #[serde(default)]
+    pub objective: ObjectiveKind,
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    #[serde(default)]
+    pub max_layers: Option<u32>,
+    /// Stage strides; empty means the family's default search space.
+    #[serde(default)]
+    pub strides: Vec<u32>,
+}
+
+fn default_in_channels() -> u32 {
+    3
+}
+
+fn default_beta() -> f64 {
+    deepmad_design::score::DEFAULT_BETA
+}
+
+/// A sweep request, as a TOML file or a gRPC `SweepSpec` gives it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSpec {
+    pub name: String,
+    /// `KIND:PATH`, e.g. `idx:data/mnist-subset` or `cifar10:/data/cifar-10-batches-bin`.
+    pub dataset: String,
+    pub seeds: Vec<u64>,
+    pub grid: GridSpec,
+    /// The training recipe, passed to workers as JSON; validated by them.
+    pub recipe: serde_json::Value,
+    /// Downstream evaluations (issue 7); must be empty for now.
+    #[serde(default)]
+    pub downstream: Vec<String>,
+    /// Deterministic failures allowed per trial before it is dead.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+}
+
+impl SweepSpec {
+    /// Parses a sweep file (TOML), naming the line and key on error.
+    pub fn from_toml(text: &str) -> Result<SweepSpec, Error> {
+        toml::from_str(text).map_err(|error| Error::InvalidArgument {
+            field: "sweep file".into(),
+            reason: error.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Returns the grid's problems, in grid order, after checking every field.
+    pub fn problems(&self, max_grid_points: usize) -> Result<Vec<Problem>, Error> {
+        self.validate(max_grid_points)?;
+        let grid = &self.grid;
+        let alphas: Vec<Option<Vec<f64>>> = if grid.alpha.is_empty() {
+            vec![None]
+        } else {
+            grid.alpha.iter().cloned().map(Some).collect()
+        };
+        let mut problems = Vec::new();
+        for block in &grid.block {
+            let family = Family::parse(block).map_err(design_error("grid.block"))?;
+            for &rho in &grid.rho {
+                for alpha in &alphas {
+                    for budget in &grid.budget {
+                        let problem = self.problem(family, rho, alpha.clone(), budget);
+                        problem.validate().map_err(design_error("grid"))?;
+                        problems.push(problem);
+                    }
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    fn problem(&self, family: Family, rho: f64, alpha: Option<Vec<f64>>, budget: &BudgetSpec) -> Problem {
+        let grid = &self.grid;
+        let mut problem = Problem::new(family, budget.params, budget.flops, rho);
+        problem.objective = grid.objective;
+        problem.alpha = alpha;
+        problem.beta = grid.beta;
+        problem.resolution = grid.resolution;
+        problem.num_classes = grid.num_classes;
+        problem.in_channels = grid.in_channels;
+        problem.max_layers = grid.max_layers;
+        if !grid.strides.is_empty() {
+            let mut space = SearchSpace::default_for(family, grid.resolution);
+            space.stage_strides = grid.strides.clone();
+            problem.space = Some(space);
+        }
+        problem
+    }
+
+    fn validate(&self, max_grid_points: usize) -> Result<(), Error> {
+        let invalid = |field: &str, reason: String| Error::InvalidArgument {
+            field: field.to_string(),
+            reason,
+        };
+        if self.name.trim().is_empty() || self.name.len() > 200 {
+            return Err(invalid("name", "must be 1 to 200 characters".into()));
+        }
+        check_dataset(&self.dataset)?;
+        if self.seeds.is_empty() || self.seeds.len() > 100 {
+            return Err(invalid("seeds", format!("needs 1 to 100 seeds, got {}", self.seeds.len())));
+        }
+        if !self.downstream.is_empty() {
+            return Err(invalid(
+                "downstream",
+                "downstream evaluations are not implemented yet (issue 7); remove them".into(),
+            ));
+        }
+        if !self.recipe.is_object() {
+            return Err(invalid("recipe", "must be a table of training settings".into()));
+        }
+        if self.max_attempts == Some(0) {
+            return Err(invalid("max_attempts", "must be at least 1".into()));
+        }
+        let grid = &self.grid;
+        for (field, length) in [("grid.block", grid.block.len()), ("grid.rho", grid.rho.len()), ("grid.budget", grid.budget.len())] {
+            if length == 0 {
+                return Err(invalid(field, "must not be empty".into()));
+            }
+        }
+        if let Some(bad) = grid.rho.iter().find(|rho| !rho.is_finite() || **rho <= 0.0) {
+            return Err(invalid("grid.rho", format!("every rho must be a positive number, got {bad}")));
+        }
+        let points = [grid.block.len(), grid.rho.len(), grid.alpha.len().max(1), grid.budget.len()]
+            .iter()
+            .try_fold(1usize, |total, n| total.checked_mul(*n))
+            .unwrap_or(usize::MAX);
+        if points > max_grid_points {
+            return Err(Error::ResourceExhausted {
+                what: format!("the grid has {points} points; the limit is {max_grid_points}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks a `KIND:PATH` dataset spec.
+fn check_dataset(dataset: &str) -> Result<(), Error> {
+    let kinds = ["cifar10", "cifar100", "idx", "folder"];
+    match dataset.split_once(':') {
+        Some((kind, path)) if kinds.contains(&kind) && !path.is_empty() => Ok(()),
+        _ => Err(Error::InvalidArgument {
+            field: "dataset".into(),
+            reason: format!("expected KIND:PATH with KIND one of {}, got {dataset:?}", kinds.join(", ")),
+        }),
+    }
+}
+
+fn design_error(field: &'static str) -> impl Fn(DesignError) -> Error {
+    move |error| Error::InvalidArgument {
+        field: field.to_string(),
+        reason: error.to_string(),
+    }
+}
+
+/// One solved grid point.
+#[derive(Debug)]
+pub struct Solved {
+    pub problem: Problem,
+    pub outcome: Result<Solution, DesignError>,
+    pub solve_ms: f64,
+}
+
+/// Solves every problem on `threads` blocking threads; returns the outcomes in input order.
+pub fn solve_all(problems: Vec<Problem>, threads: usize) -> Vec<Solved> {
+    let threads = threads.clamp(1, problems.len().max(1));
+    let mut slots: Vec<Option<Solved>> = (0..problems.len()).map(|_| None).collect();
+    let chunk = problems.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (problems, slots) in problems.chunks(chunk).zip(slots.chunks_mut(chunk)) {
+            scope.spawn(move || {
+                for (problem, slot) in problems.iter().zip(slots) {
+                    let started = std::time::Instant::now();
+                    let outcome = solve(problem);
+                    *slot = Some(Solved {
+                        problem: problem.clone(),
+                        outcome,
+                        solve_ms: started.elapsed().as_secs_f64() * 1e3,
+                    });
+                }
+            });
+        }
+    });
+    slots.into_iter().map(|slot| slot.expect("every slot solved")).collect()
+}
+
+/// Builds the store's [`NewSweep`] from solved grid points: designs deduplicated by hash.
+/// Fails when every grid point is infeasible (nothing would be trained).
+pub fn assemble(id: SweepId, spec: &SweepSpec, created_by: &str, solved: &[Solved], max_attempts: u32) -> Result<NewSweep, Error> {
+    let mut designs: BTreeMap<String, NewDesign> = BTreeMap::new();
+    let mut grid = Vec::new();
+    for (index, point) in solved.iter().enumerate() {
+        let problem = &point.problem;
+        let (design_id, infeasible_reason) = match &point.outcome {
+            Ok(solution) => {
+                let design = new_design(problem, solution);
+                let id = design.id.clone();
+                designs.entry(id.0.clone()).or_insert(design);
+                (Some(id), None)
+            }
+            Err(error) => (None, Some(error.to_string())),
+        };
+        grid.push(NewGridPoint {
+            index: index as i32,
+            family: problem.family.name().to_string(),
+            objective_kind: problem.objective.name().to_string(),
+            rho: problem.rho,
+            alpha_json: serde_json::to_string(&problem.alpha()).expect("alpha serializes"),
+            beta: problem.beta,
+            params_budget: problem.params.map(|p| p as i64),
+            flops_budget: problem.flops.map(|f| f as i64),
+            resolution: problem.resolution as i32,
+            design_id,
+            infeasible_reason,
+            solve_ms: point.solve_ms,
+        });
+    }
+    if designs.is_empty() {
+        let reason = grid
+            .first()
+            .and_then(|point| point.infeasible_reason.clone())
+            .unwrap_or_default();
+        return Err(Error::InvalidArgument {
+            field: "grid".into(),
+            reason: format!("every grid point is infeasible; the first: {reason}"),
+        });
+    }
+    let recipe_json = canonical_json(&spec.recipe);
+    Ok(NewSweep {
+        id,
+        name: spec.name.clone(),
+        created_by: created_by.to_string(),
+        spec_json: serde_json::to_string(spec).expect("specs serialize"),
+        dataset: spec.dataset.clone(),
+        recipe_hash: sha256_hex(&recipe_json),
+        recipe_json,
+        seeds: spec.seeds.iter().map(|s| *s as i64).collect(),
+        max_attempts: spec.max_attempts.unwrap_or(max_attempts) as i32,
+        grid,
+        designs: designs.into_values().collect(),
+    })
+}
+
+fn new_design(problem: &Problem, solution: &Solution) -> NewDesign {
+    let analysis = &solution.analysis;
+    NewDesign {
+        id: DesignId(solution.network.content_hash()),
+        family: problem.family.name().to_string(),
+        objective_kind: analysis.objective_kind.name().to_string(),
+        architecture_json: solution.network.canonical_json(),
+        params: analysis.params as i64,
+        flops: analysis.flops as i64,
+        layers: analysis.layers as i32,
+        effectiveness: analysis.effectiveness,
+        entropy: analysis.entropy,
+        penalty: analysis.penalty,
+        objective: analysis.objective,
+        resolution: solution.network.resolution as i32,
+        num_classes: solution.network.num_classes as i32,
+        solver_version: SOLVER_VERSION.to_string(),
+    }
+}
+
+/// Returns JSON with object keys sorted (serde_json's map is ordered by key), no whitespace.
+pub fn canonical_json(value: &serde_json::Value) -> String {
+    serde_json::to_string(value).expect("JSON values serialize")
+}
+
+/// Returns the SHA-256 of `text` in hex.
+pub fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Deserializes budgets written as numbers or human units (`"11.7M"`, `"1.8G"`).
+mod count {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Float(f64),
+        Text(String),
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+        let raw = Option::<Raw>::deserialize(deserializer)?;
+        let value = match raw {
+            None => return Ok(None),
+            Some(Raw::Number(n)) => n,
+            Some(Raw::Float(f)) if f.is_finite() && f > 0.0 => f.round() as u64,
+            Some(Raw::Float(f)) => return Err(serde::de::Error::custom(format!("budget must be positive, got {f}"))),
+            Some(Raw::Text(text)) => super::parse_count("budget", &text).map_err(serde::de::Error::custom)?,
+        };
+        Ok(Some(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+name = "rho sweep"
+dataset = "idx:data/mnist-subset"
+seeds = [0, 1]
+
+[grid]
+block = ["basic"]
+rho = [0.2, 0.5]
+budget = [{ params = "60K", flops = "3M" }]
+resolution = 28
+num_classes = 10
+
+[recipe]
+epochs = 1
+"#;
+
+    #[test]
+    fn parses_toml_with_human_units() {
+        let spec = SweepSpec::from_toml(EXAMPLE).unwrap();
+        assert_eq!(spec.grid.budget[0].params, Some(60_000));
+        assert_eq!(spec.grid.budget[0].flops, Some(3_000_000));
+        assert_eq!(spec.problems(100).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            (EXAMPLE.replace("rho = [0.2, 0.5]", "rho = []"), "grid.rho"),
+            (EXAMPLE.replace("rho = [0.2, 0.5]", "rho = [0.2, -1.0]"), "grid.rho"),
+            (EXAMPLE.replace("block = [\"basic\"]", "block = [\"vgg\"]"), "grid.block"),
+            (EXAMPLE.replace("idx:data", "tar:data"), "dataset"),
+            (EXAMPLE.replace("seeds = [0, 1]", "seeds = []"), "seeds"),
+            (EXAMPLE.replace("resolution = 28", "resolution = 28\nalpha = [[1.0, 8.0]]"), "alpha"),
+            (EXAMPLE.replace("[recipe]", "colour = 3\n[recipe]"), "colour"),
+        ];
+        for (text, needle) in cases {
+            let message = SweepSpec::from_toml(&text)
+                .and_then(|spec| spec.problems(100).map(|_| ()))
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains(needle), "{needle}: {message}");
+        }
+    }
+
+    #[test]
+    fn oversized_grids_are_refused_before_solving() {
+        let text = EXAMPLE.replace(
+            "rho = [0.2, 0.5]",
+            &format!("rho = [{}]", vec!["0.3"; 200].join(", ")),
+        );
+        let spec = SweepSpec::from_toml(&text).unwrap();
+        assert!(matches!(spec.problems(100), Err(Error::ResourceExhausted { .. })));
+    }
+
+    #[test]
+    fn expansion_deduplicates_designs_and_reports_infeasible_points() {
+        let text = EXAMPLE.replace(
+            "budget = [{ params = \"60K\", flops = \"3M\" }]",
+            "budget = [{ params = \"60K\", flops = \"3M\" }, { params = \"60K\", flops = \"3M\" }, { params = \"10\" }]",
+        );
+        let spec = SweepSpec::from_toml(&text).unwrap();
+        let solved = solve_all(spec.problems(100).unwrap(), 2);
+        let sweep = assemble(SweepId::new(), &spec, "test", &solved, 3).unwrap();
+        assert_eq!(sweep.grid.len(), 6);
+        assert_eq!(sweep.grid.iter().filter(|p| p.design_id.is_none()).count(), 2);
+        assert_eq!(sweep.designs.len(), 2, "identical budgets give one design per rho");
+        assert!(sweep.grid[2].infeasible_reason.as_deref().unwrap().contains("params"));
+    }
+}
