@@ -38,7 +38,11 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RemoteArgs {
     /// The coordinator's URL.
-    #[arg(long, env = "DEEPMAD_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "DEEPMAD_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub coordinator: String,
     /// Bearer token (a client token from the coordinator's configuration).
     #[arg(long, env = "DEEPMAD_TOKEN", hide_env_values = true)]

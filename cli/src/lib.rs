@@ -47,14 +47,22 @@ impl From<std::io::Error> for Failure {
 
 /// Runs one command, writing its output to `out`. Long-running commands stop when `shutdown`
 /// is cancelled (the binary cancels it on SIGINT and SIGTERM).
-pub async fn run(args: args::Args, out: &mut impl Write, shutdown: CancellationToken) -> Result<(), Failure> {
+pub async fn run(
+    args: args::Args,
+    out: &mut impl Write,
+    shutdown: CancellationToken,
+) -> Result<(), Failure> {
     use args::Command;
     match args.command {
         Command::Analyze(analyze) => commands::analyze::run(&analyze, out),
         Command::Design(design) => commands::design::run(&design, out),
-        Command::Coordinator(coordinator) => commands::coordinator::run(&coordinator, out, shutdown).await,
+        Command::Coordinator(coordinator) => {
+            commands::coordinator::run(&coordinator, out, shutdown).await
+        }
         Command::Sweep { command } => commands::sweep::run(&command, out).await,
-        Command::Leaderboard(leaderboard) => commands::results::leaderboard(&leaderboard, out).await,
+        Command::Leaderboard(leaderboard) => {
+            commands::results::leaderboard(&leaderboard, out).await
+        }
         Command::Results(results) => commands::results::results(&results, out).await,
         Command::Trial(trial) => commands::results::trial(&trial, out).await,
     }

@@ -36,10 +36,11 @@ fn main() -> ExitCode {
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; a second signal exits at once.
 async fn cancel_on_signal(shutdown: CancellationToken) {
-    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(signal) => signal,
-        Err(_) => return,
-    };
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => return,
+        };
     for _ in 0..2 {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

@@ -205,7 +205,20 @@ fn state_name(value: i32) -> &'static str {
 
 /// Writes a list of sweeps, one line each.
 pub fn sweeps(out: &mut impl Write, sweeps: &[deepmad_proto::v1::SweepSummary]) -> io::Result<()> {
-    let mut table = Table::new(vec!["sweep", "name", "state", "designs", "queued", "running", "done", "failed", "best top-1"], 3);
+    let mut table = Table::new(
+        vec![
+            "sweep",
+            "name",
+            "state",
+            "designs",
+            "queued",
+            "running",
+            "done",
+            "failed",
+            "best top-1",
+        ],
+        3,
+    );
     for sweep in sweeps {
         let counts = sweep.counts.unwrap_or_default();
         let name: String = sweep.name.chars().take(24).collect();
@@ -227,8 +240,18 @@ pub fn sweeps(out: &mut impl Write, sweeps: &[deepmad_proto::v1::SweepSummary]) 
 /// Writes one sweep's summary.
 pub fn sweep(out: &mut impl Write, sweep: &deepmad_proto::v1::SweepSummary) -> io::Result<()> {
     let counts = sweep.counts.unwrap_or_default();
-    writeln!(out, "sweep {} ({}), {}", sweep.sweep_id, sweep.name, state_name(sweep.state))?;
-    writeln!(out, "dataset {}, created by {}", sweep.dataset, sweep.created_by)?;
+    writeln!(
+        out,
+        "sweep {} ({}), {}",
+        sweep.sweep_id,
+        sweep.name,
+        state_name(sweep.state)
+    )?;
+    writeln!(
+        out,
+        "dataset {}, created by {}",
+        sweep.dataset, sweep.created_by
+    )?;
     writeln!(
         out,
         "grid points {} ({} infeasible), designs {}",
@@ -248,7 +271,10 @@ pub fn sweep(out: &mut impl Write, sweep: &deepmad_proto::v1::SweepSummary) -> i
 }
 
 /// Writes what creating a sweep did.
-pub fn sweep_created(out: &mut impl Write, created: &deepmad_proto::v1::CreateSweepResponse) -> io::Result<()> {
+pub fn sweep_created(
+    out: &mut impl Write,
+    created: &deepmad_proto::v1::CreateSweepResponse,
+) -> io::Result<()> {
     writeln!(out, "sweep {}", created.sweep_id)?;
     writeln!(
         out,
@@ -261,15 +287,25 @@ pub fn sweep_created(out: &mut impl Write, created: &deepmad_proto::v1::CreateSw
         created.new_trials, created.reused_results, created.shared_trials
     )?;
     for point in &created.infeasible {
-        writeln!(out, "infeasible point {} (rho {}): {}", point.index, point.rho, point.reason)?;
+        writeln!(
+            out,
+            "infeasible point {} (rho {}): {}",
+            point.index, point.rho, point.reason
+        )?;
     }
     Ok(())
 }
 
 /// Writes a leaderboard: best mean top-1 first.
-pub fn leaderboard(out: &mut impl Write, rows: &[deepmad_proto::v1::LeaderboardRow]) -> io::Result<()> {
+pub fn leaderboard(
+    out: &mut impl Write,
+    rows: &[deepmad_proto::v1::LeaderboardRow],
+) -> io::Result<()> {
     let mut table = Table::new(
-        vec!["rank", "design", "rho", "params", "FLOPs", "layers", "seeds", "top-1 %", "+-", "top-5 %"],
+        vec![
+            "rank", "design", "rho", "params", "FLOPs", "layers", "seeds", "top-1 %", "+-",
+            "top-5 %",
+        ],
         2,
     );
     for (rank, row) in rows.iter().enumerate() {
@@ -290,7 +326,10 @@ pub fn leaderboard(out: &mut impl Write, rows: &[deepmad_proto::v1::LeaderboardR
 }
 
 /// Writes a trial's history: attempts, epochs and result.
-pub fn trial(out: &mut impl Write, history: &deepmad_proto::v1::TrialHistoryResponse) -> io::Result<()> {
+pub fn trial(
+    out: &mut impl Write,
+    history: &deepmad_proto::v1::TrialHistoryResponse,
+) -> io::Result<()> {
     writeln!(
         out,
         "trial {} design {} seed {} on {}",
@@ -309,7 +348,17 @@ pub fn trial(out: &mut impl Write, history: &deepmad_proto::v1::TrialHistoryResp
         ]);
     }
     attempts.write(out)?;
-    let mut epochs = Table::new(vec!["epoch", "train loss", "test loss", "top-1 %", "top-5 %", "img/s"], 1);
+    let mut epochs = Table::new(
+        vec![
+            "epoch",
+            "train loss",
+            "test loss",
+            "top-1 %",
+            "top-5 %",
+            "img/s",
+        ],
+        1,
+    );
     for epoch in &history.epochs {
         epochs.rows.push(vec![
             epoch.epoch.to_string(),
@@ -322,10 +371,19 @@ pub fn trial(out: &mut impl Write, history: &deepmad_proto::v1::TrialHistoryResp
     }
     epochs.write(out)?;
     if let Some(result) = &history.result {
-        writeln!(out, "result: top-1 {:.2}%, top-5 {:.2}%", result.top1 * 100.0, result.top5 * 100.0)?;
+        writeln!(
+            out,
+            "result: top-1 {:.2}%, top-5 {:.2}%",
+            result.top1 * 100.0,
+            result.top5 * 100.0
+        )?;
     }
     for late in &history.late_results {
-        writeln!(out, "late report from attempt {} (kept, not counted)", short(&late.attempt_id))?;
+        writeln!(
+            out,
+            "late report from attempt {} (kept, not counted)",
+            short(&late.attempt_id)
+        )?;
     }
     Ok(())
 }

@@ -30,10 +30,21 @@ pub fn work_config(settings: &Validated) -> WorkConfig {
 }
 
 /// Connects the store and returns a started coordinator (running leases got their grace).
-pub async fn open(settings: &Validated, shutdown: CancellationToken) -> Result<Arc<Coordinator>, Error> {
+pub async fn open(
+    settings: &Validated,
+    shutdown: CancellationToken,
+) -> Result<Arc<Coordinator>, Error> {
     let store = Store::connect(&settings.database_url).await?;
-    info!(backend = store.backend(), "store connected, migrations applied");
-    let coordinator = Coordinator::new(store, work_config(settings), Arc::new(Metrics::new()), shutdown);
+    info!(
+        backend = store.backend(),
+        "store connected, migrations applied"
+    );
+    let coordinator = Coordinator::new(
+        store,
+        work_config(settings),
+        Arc::new(Metrics::new()),
+        shutdown,
+    );
     coordinator.start_up().await?;
     Ok(Arc::new(coordinator))
 }
@@ -59,9 +70,15 @@ pub async fn run(
         })
     });
     let services = grpc::services(coordinator.clone(), settings.limits.max_message_bytes);
-    let (router, _health) = build_router(settings, services.design, services.sweep, services.work, services.result)
-        .await
-        .map_err(|error| Error::Internal(error.to_string()))?;
+    let (router, _health) = build_router(
+        settings,
+        services.design,
+        services.sweep,
+        services.work,
+        services.result,
+    )
+    .await
+    .map_err(|error| Error::Internal(error.to_string()))?;
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "coordinator serving");
     let served = serve(listener, router, shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();

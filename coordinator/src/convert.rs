@@ -19,8 +19,8 @@ use crate::error::Error;
 use crate::model::{AttemptState, DesignId, FailureClass, SweepState, TrialState, WorkerId};
 use crate::store::{
     AttemptRecord, CompleteOutcome, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome,
-    LeaderboardFilter, LeaderboardRow, Lease, NewGridPoint, NewWorker, Progress, SweepCreated,
-    ResultRecord, SweepSummary, TrialCounts, TrialHistory,
+    LeaderboardFilter, LeaderboardRow, Lease, NewGridPoint, NewWorker, Progress, ResultRecord,
+    SweepCreated, SweepSummary, TrialCounts, TrialHistory,
 };
 
 fn invalid(field: &str, reason: impl Into<String>) -> Error {

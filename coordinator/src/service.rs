@@ -12,9 +12,9 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::model::{AttemptId, FailureClass, LeaseToken, SweepId, TrialId, WorkerId};
 use crate::store::{
-    CompleteOutcome, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome, Lease,
-    LeaderboardFilter, LeaderboardRow, NewGridPoint, NewWorker, ResultRecord, Progress, RetryPolicy, Store, SweepCreated,
-    SweepSummary, TrialHistory,
+    CompleteOutcome, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome, LeaderboardFilter,
+    LeaderboardRow, Lease, NewGridPoint, NewWorker, Progress, ResultRecord, RetryPolicy, Store,
+    SweepCreated, SweepSummary, TrialHistory,
 };
 use crate::sweep::{assemble, solve_all, SweepSpec};
 
@@ -78,7 +78,12 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// Returns a coordinator over `store`.
-    pub fn new(store: Store, config: WorkConfig, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Coordinator {
+    pub fn new(
+        store: Store,
+        config: WorkConfig,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Coordinator {
         Coordinator {
             store,
             config,
@@ -91,16 +96,27 @@ impl Coordinator {
     /// Gives every running lease a grace period, so this coordinator's own downtime is not
     /// charged to workers. Called once at start-up.
     pub async fn start_up(&self) -> Result<u32, Error> {
-        let extended = self.store.grant_grace(self.config.grace_ms, self.clock.now()).await?;
+        let extended = self
+            .store
+            .grant_grace(self.config.grace_ms, self.clock.now())
+            .await?;
         if extended > 0 {
-            info!(extended, grace_ms = self.config.grace_ms, "running leases given a grace period");
+            info!(
+                extended,
+                grace_ms = self.config.grace_ms,
+                "running leases given a grace period"
+            );
         }
         Ok(extended)
     }
 
     /// Solves the sweep's grid off the async runtime, stores designs, grid and trials in one
     /// transaction and returns what it did, with the infeasible points' reasons.
-    pub async fn create_sweep(&self, spec: SweepSpec, created_by: &str) -> Result<(SweepId, SweepCreated, Vec<NewGridPoint>), Error> {
+    pub async fn create_sweep(
+        &self,
+        spec: SweepSpec,
+        created_by: &str,
+    ) -> Result<(SweepId, SweepCreated, Vec<NewGridPoint>), Error> {
         let problems = spec.problems(self.config.max_grid_points)?;
         let threads = self.config.solver_threads;
         let solved = tokio::task::spawn_blocking(move || solve_all(problems, threads))
@@ -142,16 +158,24 @@ impl Coordinator {
         if worker.protocol_version != PROTOCOL_VERSION {
             return Err(Error::InvalidArgument {
                 field: "protocol_version".into(),
-                reason: format!("this coordinator speaks {PROTOCOL_VERSION}, the worker {}", worker.protocol_version),
+                reason: format!(
+                    "this coordinator speaks {PROTOCOL_VERSION}, the worker {}",
+                    worker.protocol_version
+                ),
             });
         }
-        self.store.register_worker(&worker, self.clock.now()).await?;
+        self.store
+            .register_worker(&worker, self.clock.now())
+            .await?;
         info!(worker = %worker.id, name = %worker.name, "worker registered");
         Ok(())
     }
 
     pub async fn lease(&self, worker: WorkerId) -> Result<Option<Lease>, Error> {
-        let lease = self.store.claim(worker, self.config.lease_ms, self.clock.now()).await?;
+        let lease = self
+            .store
+            .claim(worker, self.config.lease_ms, self.clock.now())
+            .await?;
         if let Some(lease) = &lease {
             self.metrics.lease_granted();
             info!(%worker, trial = %lease.trial, attempt = %lease.attempt, "trial leased");
@@ -159,11 +183,24 @@ impl Coordinator {
         Ok(lease)
     }
 
-    pub async fn heartbeat(&self, attempt: AttemptId, token: LeaseToken, progress: &Progress, epochs: &[EpochMetrics]) -> Result<HeartbeatOutcome, Error> {
+    pub async fn heartbeat(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+        progress: &Progress,
+        epochs: &[EpochMetrics],
+    ) -> Result<HeartbeatOutcome, Error> {
         self.metrics.heartbeat();
         let outcome = self
             .store
-            .heartbeat(attempt, token, progress, epochs, self.config.lease_ms, self.clock.now())
+            .heartbeat(
+                attempt,
+                token,
+                progress,
+                epochs,
+                self.config.lease_ms,
+                self.clock.now(),
+            )
             .await?;
         if !matches!(outcome, HeartbeatOutcome::Continue { .. }) {
             info!(%attempt, ?outcome, "heartbeat told the worker to stop");
@@ -171,8 +208,16 @@ impl Coordinator {
         Ok(outcome)
     }
 
-    pub async fn complete(&self, attempt: AttemptId, token: LeaseToken, metrics: &FinalMetrics) -> Result<CompleteOutcome, Error> {
-        let outcome = self.store.complete(attempt, token, metrics, self.clock.now()).await?;
+    pub async fn complete(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+        metrics: &FinalMetrics,
+    ) -> Result<CompleteOutcome, Error> {
+        let outcome = self
+            .store
+            .complete(attempt, token, metrics, self.clock.now())
+            .await?;
         self.metrics.completed(outcome);
         if outcome == CompleteOutcome::Recorded {
             self.metrics.trial_duration(metrics.train_seconds);
@@ -182,10 +227,24 @@ impl Coordinator {
         Ok(outcome)
     }
 
-    pub async fn fail(&self, attempt: AttemptId, token: LeaseToken, class: FailureClass, message: &str) -> Result<FailOutcome, Error> {
+    pub async fn fail(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+        class: FailureClass,
+        message: &str,
+    ) -> Result<FailOutcome, Error> {
         let outcome = self
             .store
-            .fail(attempt, token, class, message, None, &self.config.retry, self.clock.now())
+            .fail(
+                attempt,
+                token,
+                class,
+                message,
+                None,
+                &self.config.retry,
+                self.clock.now(),
+            )
             .await?;
         self.metrics.retried(class);
         warn!(%attempt, %class, message, ?outcome, "attempt failed");
@@ -193,7 +252,10 @@ impl Coordinator {
         Ok(outcome)
     }
 
-    pub async fn leaderboard(&self, filter: &LeaderboardFilter) -> Result<Vec<LeaderboardRow>, Error> {
+    pub async fn leaderboard(
+        &self,
+        filter: &LeaderboardFilter,
+    ) -> Result<Vec<LeaderboardRow>, Error> {
         Ok(self.store.leaderboard(filter).await?)
     }
 
@@ -207,7 +269,10 @@ impl Coordinator {
 
     /// Returns expired leases' trials to the queue once.
     pub async fn reap(&self) -> Result<u32, Error> {
-        let reaped = self.store.reap_expired(&self.config.retry, self.clock.now()).await?;
+        let reaped = self
+            .store
+            .reap_expired(&self.config.retry, self.clock.now())
+            .await?;
         if reaped > 0 {
             self.metrics.reaped(reaped);
             warn!(reaped, "expired leases returned to the queue");

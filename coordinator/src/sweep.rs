@@ -119,7 +119,13 @@ impl SweepSpec {
         Ok(problems)
     }
 
-    fn problem(&self, family: Family, rho: f64, alpha: Option<Vec<f64>>, budget: &BudgetSpec) -> Problem {
+    fn problem(
+        &self,
+        family: Family,
+        rho: f64,
+        alpha: Option<Vec<f64>>,
+        budget: &BudgetSpec,
+    ) -> Problem {
         let grid = &self.grid;
         let mut problem = Problem::new(family, budget.params, budget.flops, rho);
         problem.objective = grid.objective;
@@ -147,7 +153,10 @@ impl SweepSpec {
         }
         check_dataset(&self.dataset)?;
         if self.seeds.is_empty() || self.seeds.len() > 100 {
-            return Err(invalid("seeds", format!("needs 1 to 100 seeds, got {}", self.seeds.len())));
+            return Err(invalid(
+                "seeds",
+                format!("needs 1 to 100 seeds, got {}", self.seeds.len()),
+            ));
         }
         if !self.downstream.is_empty() {
             return Err(invalid(
@@ -156,24 +165,39 @@ impl SweepSpec {
             ));
         }
         if !self.recipe.is_object() {
-            return Err(invalid("recipe", "must be a table of training settings".into()));
+            return Err(invalid(
+                "recipe",
+                "must be a table of training settings".into(),
+            ));
         }
         if self.max_attempts == Some(0) {
             return Err(invalid("max_attempts", "must be at least 1".into()));
         }
         let grid = &self.grid;
-        for (field, length) in [("grid.block", grid.block.len()), ("grid.rho", grid.rho.len()), ("grid.budget", grid.budget.len())] {
+        for (field, length) in [
+            ("grid.block", grid.block.len()),
+            ("grid.rho", grid.rho.len()),
+            ("grid.budget", grid.budget.len()),
+        ] {
             if length == 0 {
                 return Err(invalid(field, "must not be empty".into()));
             }
         }
         if let Some(bad) = grid.rho.iter().find(|rho| !rho.is_finite() || **rho <= 0.0) {
-            return Err(invalid("grid.rho", format!("every rho must be a positive number, got {bad}")));
+            return Err(invalid(
+                "grid.rho",
+                format!("every rho must be a positive number, got {bad}"),
+            ));
         }
-        let points = [grid.block.len(), grid.rho.len(), grid.alpha.len().max(1), grid.budget.len()]
-            .iter()
-            .try_fold(1usize, |total, n| total.checked_mul(*n))
-            .unwrap_or(usize::MAX);
+        let points = [
+            grid.block.len(),
+            grid.rho.len(),
+            grid.alpha.len().max(1),
+            grid.budget.len(),
+        ]
+        .iter()
+        .try_fold(1usize, |total, n| total.checked_mul(*n))
+        .unwrap_or(usize::MAX);
         if points > max_grid_points {
             return Err(Error::ResourceExhausted {
                 what: format!("the grid has {points} points; the limit is {max_grid_points}"),
@@ -190,7 +214,10 @@ fn check_dataset(dataset: &str) -> Result<(), Error> {
         Some((kind, path)) if kinds.contains(&kind) && !path.is_empty() => Ok(()),
         _ => Err(Error::InvalidArgument {
             field: "dataset".into(),
-            reason: format!("expected KIND:PATH with KIND one of {}, got {dataset:?}", kinds.join(", ")),
+            reason: format!(
+                "expected KIND:PATH with KIND one of {}, got {dataset:?}",
+                kinds.join(", ")
+            ),
         }),
     }
 }
@@ -230,12 +257,21 @@ pub fn solve_all(problems: Vec<Problem>, threads: usize) -> Vec<Solved> {
             });
         }
     });
-    slots.into_iter().map(|slot| slot.expect("every slot solved")).collect()
+    slots
+        .into_iter()
+        .map(|slot| slot.expect("every slot solved"))
+        .collect()
 }
 
 /// Builds the store's [`NewSweep`] from solved grid points: designs deduplicated by hash.
 /// Fails when every grid point is infeasible (nothing would be trained).
-pub fn assemble(id: SweepId, spec: &SweepSpec, created_by: &str, solved: &[Solved], max_attempts: u32) -> Result<NewSweep, Error> {
+pub fn assemble(
+    id: SweepId,
+    spec: &SweepSpec,
+    created_by: &str,
+    solved: &[Solved],
+    max_attempts: u32,
+) -> Result<NewSweep, Error> {
     let mut designs: BTreeMap<String, NewDesign> = BTreeMap::new();
     let mut grid = Vec::new();
     for (index, point) in solved.iter().enumerate() {
@@ -341,8 +377,14 @@ mod count {
             None => return Ok(None),
             Some(Raw::Number(n)) => n,
             Some(Raw::Float(f)) if f.is_finite() && f > 0.0 => f.round() as u64,
-            Some(Raw::Float(f)) => return Err(serde::de::Error::custom(format!("budget must be positive, got {f}"))),
-            Some(Raw::Text(text)) => super::parse_count("budget", &text).map_err(serde::de::Error::custom)?,
+            Some(Raw::Float(f)) => {
+                return Err(serde::de::Error::custom(format!(
+                    "budget must be positive, got {f}"
+                )))
+            }
+            Some(Raw::Text(text)) => {
+                super::parse_count("budget", &text).map_err(serde::de::Error::custom)?
+            }
         };
         Ok(Some(value))
     }
@@ -380,12 +422,24 @@ epochs = 1
     fn bad_fields_are_named() {
         let cases = [
             (EXAMPLE.replace("rho = [0.2, 0.5]", "rho = []"), "grid.rho"),
-            (EXAMPLE.replace("rho = [0.2, 0.5]", "rho = [0.2, -1.0]"), "grid.rho"),
-            (EXAMPLE.replace("block = [\"basic\"]", "block = [\"vgg\"]"), "grid.block"),
+            (
+                EXAMPLE.replace("rho = [0.2, 0.5]", "rho = [0.2, -1.0]"),
+                "grid.rho",
+            ),
+            (
+                EXAMPLE.replace("block = [\"basic\"]", "block = [\"vgg\"]"),
+                "grid.block",
+            ),
             (EXAMPLE.replace("idx:data", "tar:data"), "dataset"),
             (EXAMPLE.replace("seeds = [0, 1]", "seeds = []"), "seeds"),
-            (EXAMPLE.replace("resolution = 28", "resolution = 28\nalpha = [[1.0, 8.0]]"), "alpha"),
-            (EXAMPLE.replace("[recipe]", "colour = 3\n[recipe]"), "colour"),
+            (
+                EXAMPLE.replace("resolution = 28", "resolution = 28\nalpha = [[1.0, 8.0]]"),
+                "alpha",
+            ),
+            (
+                EXAMPLE.replace("[recipe]", "colour = 3\n[recipe]"),
+                "colour",
+            ),
         ];
         for (text, needle) in cases {
             let message = SweepSpec::from_toml(&text)
@@ -403,7 +457,10 @@ epochs = 1
             &format!("rho = [{}]", vec!["0.3"; 200].join(", ")),
         );
         let spec = SweepSpec::from_toml(&text).unwrap();
-        assert!(matches!(spec.problems(100), Err(Error::ResourceExhausted { .. })));
+        assert!(matches!(
+            spec.problems(100),
+            Err(Error::ResourceExhausted { .. })
+        ));
     }
 
     #[test]
@@ -416,8 +473,19 @@ epochs = 1
         let solved = solve_all(spec.problems(100).unwrap(), 2);
         let sweep = assemble(SweepId::new(), &spec, "test", &solved, 3).unwrap();
         assert_eq!(sweep.grid.len(), 6);
-        assert_eq!(sweep.grid.iter().filter(|p| p.design_id.is_none()).count(), 2);
-        assert_eq!(sweep.designs.len(), 2, "identical budgets give one design per rho");
-        assert!(sweep.grid[2].infeasible_reason.as_deref().unwrap().contains("params"));
+        assert_eq!(
+            sweep.grid.iter().filter(|p| p.design_id.is_none()).count(),
+            2
+        );
+        assert_eq!(
+            sweep.designs.len(),
+            2,
+            "identical budgets give one design per rho"
+        );
+        assert!(sweep.grid[2]
+            .infeasible_reason
+            .as_deref()
+            .unwrap()
+            .contains("params"));
     }
 }

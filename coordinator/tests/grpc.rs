@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deepmad_coordinator::app;
-use deepmad_coordinator::settings::{self, Overrides, Validated};
 use deepmad_coordinator::service::Coordinator;
+use deepmad_coordinator::settings::{self, Overrides, Validated};
 use deepmad_proto::v1;
 use deepmad_proto::v1::result_service_client::ResultServiceClient;
 use deepmad_proto::v1::sweep_service_client::SweepServiceClient;
@@ -37,7 +37,10 @@ async fn start(env: Vec<(String, String)>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".into()),
-        database_url: Some(format!("sqlite://{}", dir.path().join("deepmad.db").display())),
+        database_url: Some(format!(
+            "sqlite://{}",
+            dir.path().join("deepmad.db").display()
+        )),
     };
     let settings: Validated = settings::load(None, env, &overrides).unwrap();
     let listener = TcpListener::bind(settings.listen).await.unwrap();
@@ -46,12 +49,25 @@ async fn start(env: Vec<(String, String)>) -> Running {
     let coordinator = app::open(&settings, shutdown.clone()).await.unwrap();
     let serving = coordinator.clone();
     let token = shutdown.clone();
-    tokio::spawn(async move { app::run(&settings, serving, listener, None, token).await.unwrap() });
-    Running { address, coordinator, shutdown, _dir: dir }
+    tokio::spawn(async move {
+        app::run(&settings, serving, listener, None, token)
+            .await
+            .unwrap()
+    });
+    Running {
+        address,
+        coordinator,
+        shutdown,
+        _dir: dir,
+    }
 }
 
 async fn channel(address: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap()
+    Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 fn spec(rho: Vec<f64>) -> v1::SweepSpec {
@@ -61,7 +77,10 @@ fn spec(rho: Vec<f64>) -> v1::SweepSpec {
             families: vec![v1::Family::Basic as i32],
             rho,
             alpha: vec![],
-            budgets: vec![v1::Budget { params: Some(20_000), flops: Some(4_000_000) }],
+            budgets: vec![v1::Budget {
+                params: Some(20_000),
+                flops: Some(4_000_000),
+            }],
             resolution: Some(28),
             num_classes: Some(10),
             objective: v1::ObjectiveKind::Paper as i32,
@@ -100,33 +119,73 @@ async fn a_sweep_runs_through_the_api() {
     let mut results = ResultServiceClient::new(channel);
 
     let created = sweeps
-        .create_sweep(v1::CreateSweepRequest { spec: Some(spec(vec![0.3, 0.3, 1.0])) })
+        .create_sweep(v1::CreateSweepRequest {
+            spec: Some(spec(vec![0.3, 0.3, 1.0])),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(created.grid_points, 3);
-    assert_eq!(created.new_trials as usize, created.distinct_designs as usize);
-    assert!(created.distinct_designs <= 2, "two identical grid points share a design");
+    assert_eq!(
+        created.new_trials as usize,
+        created.distinct_designs as usize
+    );
+    assert!(
+        created.distinct_designs <= 2,
+        "two identical grid points share a design"
+    );
 
     let worker_id = uuid::Uuid::new_v4().to_string();
-    let register = v1::RegisterRequest { protocol_version: 1, worker_id: worker_id.clone(), name: "test".into(), devices: vec![] };
+    let register = v1::RegisterRequest {
+        protocol_version: 1,
+        worker_id: worker_id.clone(),
+        name: "test".into(),
+        devices: vec![],
+    };
     work.register(register).await.unwrap();
     let mut done = 0;
-    while let Some(assignment) = work.lease(v1::LeaseRequest { worker_id: worker_id.clone() }).await.unwrap().into_inner().assignment {
+    while let Some(assignment) = work
+        .lease(v1::LeaseRequest {
+            worker_id: worker_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .assignment
+    {
         let heartbeat = v1::HeartbeatRequest {
             attempt_id: assignment.attempt_id.clone(),
             lease_token: assignment.lease_token.clone(),
-            progress: Some(v1::Progress { epoch: 0, step: 3, loss: Some(1.0), top1: None, images_per_second: Some(10.0) }),
+            progress: Some(v1::Progress {
+                epoch: 0,
+                step: 3,
+                loss: Some(1.0),
+                top1: None,
+                images_per_second: Some(10.0),
+            }),
             epochs: vec![],
         };
-        let directive = work.heartbeat(heartbeat).await.unwrap().into_inner().directive;
-        assert_eq!(directive, v1::heartbeat_response::Directive::Continue as i32);
+        let directive = work
+            .heartbeat(heartbeat)
+            .await
+            .unwrap()
+            .into_inner()
+            .directive;
+        assert_eq!(
+            directive,
+            v1::heartbeat_response::Directive::Continue as i32
+        );
         let complete = v1::CompleteRequest {
             attempt_id: assignment.attempt_id.clone(),
             lease_token: assignment.lease_token.clone(),
             metrics: Some(metrics(0.9 + 0.01 * f64::from(done))),
         };
-        let outcome = work.complete(complete.clone()).await.unwrap().into_inner().outcome;
+        let outcome = work
+            .complete(complete.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome;
         assert_eq!(outcome, v1::complete_response::Outcome::Recorded as i32);
         let again = work.complete(complete).await.unwrap().into_inner().outcome;
         assert_eq!(again, v1::complete_response::Outcome::Duplicate as i32);
@@ -134,16 +193,34 @@ async fn a_sweep_runs_through_the_api() {
     }
     assert_eq!(done, created.new_trials);
 
-    let summary = sweeps.get_sweep(v1::GetSweepRequest { sweep_id: created.sweep_id.clone() }).await.unwrap().into_inner();
+    let summary = sweeps
+        .get_sweep(v1::GetSweepRequest {
+            sweep_id: created.sweep_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(summary.counts.unwrap().succeeded, done);
     let board = results
-        .leaderboard(v1::LeaderboardRequest { sweep_id: Some(created.sweep_id.clone()), ..Default::default() })
+        .leaderboard(v1::LeaderboardRequest {
+            sweep_id: Some(created.sweep_id.clone()),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(board.rows.len(), created.distinct_designs as usize);
-    assert!(board.rows.windows(2).all(|w| w[0].top1_mean >= w[1].top1_mean));
-    let mut export = results.export_results(v1::ExportResultsRequest { sweep_id: created.sweep_id }).await.unwrap().into_inner();
+    assert!(board
+        .rows
+        .windows(2)
+        .all(|w| w[0].top1_mean >= w[1].top1_mean));
+    let mut export = results
+        .export_results(v1::ExportResultsRequest {
+            sweep_id: created.sweep_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let mut rows = 0;
     while let Some(chunk) = export.message().await.unwrap() {
         rows += chunk.rows.len();
@@ -160,54 +237,123 @@ async fn bad_requests_are_refused_and_store_nothing() {
         (spec(vec![0.3, f64::NAN]), Code::InvalidArgument, "rho"),
         (spec(vec![-1.0]), Code::InvalidArgument, "rho"),
         (spec(vec![0.3; 20_000]), Code::ResourceExhausted, "limit"),
-        (v1::SweepSpec { dataset: "nowhere".into(), ..spec(vec![0.3]) }, Code::InvalidArgument, "dataset"),
-        (v1::SweepSpec { recipe_json: "{not json".into(), ..spec(vec![0.3]) }, Code::InvalidArgument, "recipe"),
+        (
+            v1::SweepSpec {
+                dataset: "nowhere".into(),
+                ..spec(vec![0.3])
+            },
+            Code::InvalidArgument,
+            "dataset",
+        ),
+        (
+            v1::SweepSpec {
+                recipe_json: "{not json".into(),
+                ..spec(vec![0.3])
+            },
+            Code::InvalidArgument,
+            "recipe",
+        ),
     ];
     for (spec, code, needle) in cases {
-        let status = sweeps.create_sweep(v1::CreateSweepRequest { spec: Some(spec) }).await.unwrap_err();
+        let status = sweeps
+            .create_sweep(v1::CreateSweepRequest { spec: Some(spec) })
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), code, "{}", status.message());
-        assert!(status.message().contains(needle), "{needle}: {}", status.message());
+        assert!(
+            status.message().contains(needle),
+            "{needle}: {}",
+            status.message()
+        );
     }
     let mut impossible = spec(vec![0.3]);
-    impossible.grid.as_mut().unwrap().budgets = vec![v1::Budget { params: Some(10), flops: None }];
-    let status = sweeps.create_sweep(v1::CreateSweepRequest { spec: Some(impossible) }).await.unwrap_err();
+    impossible.grid.as_mut().unwrap().budgets = vec![v1::Budget {
+        params: Some(10),
+        flops: None,
+    }];
+    let status = sweeps
+        .create_sweep(v1::CreateSweepRequest {
+            spec: Some(impossible),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("infeasible"), "{}", status.message());
+    assert!(
+        status.message().contains("infeasible"),
+        "{}",
+        status.message()
+    );
     let unknown = uuid::Uuid::new_v4().to_string();
-    let status = sweeps.get_sweep(v1::GetSweepRequest { sweep_id: unknown }).await.unwrap_err();
+    let status = sweeps
+        .get_sweep(v1::GetSweepRequest { sweep_id: unknown })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let status = sweeps.get_sweep(v1::GetSweepRequest { sweep_id: "not-an-id".into() }).await.unwrap_err();
+    let status = sweeps
+        .get_sweep(v1::GetSweepRequest {
+            sweep_id: "not-an-id".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let listed = sweeps.list_sweeps(v1::ListSweepsRequest { limit: 10 }).await.unwrap().into_inner();
+    let listed = sweeps
+        .list_sweeps(v1::ListSweepsRequest { limit: 10 })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(listed.sweeps.is_empty(), "no partial sweep left behind");
 }
 
 fn with_token<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     request
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_separate_workers_from_clients() {
     let env = vec![
-        ("DEEPMAD__AUTH__WORKER_TOKENS".to_string(), WORKER_TOKEN.to_string()),
-        ("DEEPMAD__AUTH__CLIENT_TOKENS".to_string(), CLIENT_TOKEN.to_string()),
+        (
+            "DEEPMAD__AUTH__WORKER_TOKENS".to_string(),
+            WORKER_TOKEN.to_string(),
+        ),
+        (
+            "DEEPMAD__AUTH__CLIENT_TOKENS".to_string(),
+            CLIENT_TOKEN.to_string(),
+        ),
     ];
     let running = start(env).await;
     let channel = channel(running.address).await;
     let mut sweeps = SweepServiceClient::new(channel.clone());
     let mut work = WorkServiceClient::new(channel);
-    let create = || v1::CreateSweepRequest { spec: Some(spec(vec![0.5])) };
+    let create = || v1::CreateSweepRequest {
+        spec: Some(spec(vec![0.5])),
+    };
     let status = sweeps.create_sweep(create()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    let status = sweeps.create_sweep(with_token(create(), WORKER_TOKEN)).await.unwrap_err();
+    let status = sweeps
+        .create_sweep(with_token(create(), WORKER_TOKEN))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    sweeps.create_sweep(with_token(create(), CLIENT_TOKEN)).await.unwrap();
-    let lease = || v1::LeaseRequest { worker_id: uuid::Uuid::new_v4().to_string() };
-    let status = work.lease(with_token(lease(), CLIENT_TOKEN)).await.unwrap_err();
+    sweeps
+        .create_sweep(with_token(create(), CLIENT_TOKEN))
+        .await
+        .unwrap();
+    let lease = || v1::LeaseRequest {
+        worker_id: uuid::Uuid::new_v4().to_string(),
+    };
+    let status = work
+        .lease(with_token(lease(), CLIENT_TOKEN))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    let status = work.lease(with_token(lease(), "wrong-token-0123456789")).await.unwrap_err();
+    let status = work
+        .lease(with_token(lease(), "wrong-token-0123456789"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
 }
 
@@ -217,21 +363,51 @@ async fn cancelling_a_sweep_stops_its_workers_at_the_next_heartbeat() {
     let channel = channel(running.address).await;
     let mut sweeps = SweepServiceClient::new(channel.clone());
     let mut work = WorkServiceClient::new(channel);
-    let created = sweeps.create_sweep(v1::CreateSweepRequest { spec: Some(spec(vec![0.5])) }).await.unwrap().into_inner();
+    let created = sweeps
+        .create_sweep(v1::CreateSweepRequest {
+            spec: Some(spec(vec![0.5])),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let worker_id = uuid::Uuid::new_v4().to_string();
-    work.register(v1::RegisterRequest { protocol_version: 1, worker_id: worker_id.clone(), name: "w".into(), devices: vec![] })
+    work.register(v1::RegisterRequest {
+        protocol_version: 1,
+        worker_id: worker_id.clone(),
+        name: "w".into(),
+        devices: vec![],
+    })
+    .await
+    .unwrap();
+    let assignment = work
+        .lease(v1::LeaseRequest { worker_id })
+        .await
+        .unwrap()
+        .into_inner()
+        .assignment
+        .unwrap();
+    sweeps
+        .cancel_sweep(v1::CancelSweepRequest {
+            sweep_id: created.sweep_id,
+        })
         .await
         .unwrap();
-    let assignment = work.lease(v1::LeaseRequest { worker_id }).await.unwrap().into_inner().assignment.unwrap();
-    sweeps.cancel_sweep(v1::CancelSweepRequest { sweep_id: created.sweep_id }).await.unwrap();
     let heartbeat = v1::HeartbeatRequest {
         attempt_id: assignment.attempt_id,
         lease_token: assignment.lease_token,
         progress: None,
         epochs: vec![],
     };
-    let directive = work.heartbeat(heartbeat).await.unwrap().into_inner().directive;
-    assert_eq!(directive, v1::heartbeat_response::Directive::StopCancelled as i32);
+    let directive = work
+        .heartbeat(heartbeat)
+        .await
+        .unwrap()
+        .into_inner()
+        .directive;
+    assert_eq!(
+        directive,
+        v1::heartbeat_response::Directive::StopCancelled as i32
+    );
 }
 
 /// Lease expiry in real time with a one-second lease (the store's own tests cover expiry with
@@ -241,7 +417,9 @@ async fn cancelling_a_sweep_stops_its_workers_at_the_next_heartbeat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_leases_are_reaped_and_fenced() {
     use deepmad_coordinator::model::WorkerId;
-    use deepmad_coordinator::store::{CompleteOutcome, FinalMetrics, HeartbeatOutcome, NewWorker, Progress};
+    use deepmad_coordinator::store::{
+        CompleteOutcome, FinalMetrics, HeartbeatOutcome, NewWorker, Progress,
+    };
     let short = [
         ("DEEPMAD__LEASE__LEASE_MS", "1000"),
         ("DEEPMAD__LEASE__HEARTBEAT_INTERVAL_MS", "100"),
@@ -250,7 +428,13 @@ async fn expired_leases_are_reaped_and_fenced() {
         ("DEEPMAD__RETRY__BACKOFF_BASE_MS", "10"),
         ("DEEPMAD__RETRY__BACKOFF_MAX_MS", "20"),
     ];
-    let running = start(short.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).await;
+    let running = start(
+        short
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+    .await;
     let coordinator = &running.coordinator;
     let spec = deepmad_coordinator::sweep::SweepSpec::from_toml(
         "name = \"t\"\ndataset = \"idx:d\"\nseeds = [0]\n[grid]\nblock = [\"basic\"]\nrho = [0.5]\nbudget = [{ params = \"20K\" }]\nresolution = 28\nnum_classes = 10\n[recipe]\n",
@@ -259,17 +443,35 @@ async fn expired_leases_are_reaped_and_fenced() {
     coordinator.create_sweep(spec, "test").await.unwrap();
     let (first, second) = (WorkerId::new(), WorkerId::new());
     for id in [first, second] {
-        let worker = NewWorker { id, name: "w".into(), devices_json: "[]".into(), protocol_version: 1 };
+        let worker = NewWorker {
+            id,
+            name: "w".into(),
+            devices_json: "[]".into(),
+            protocol_version: 1,
+        };
         coordinator.register(worker).await.unwrap();
     }
     let lease = coordinator.lease(first).await.unwrap().unwrap();
-    tokio::time::sleep(Duration::from_millis(coordinator.config.lease_ms as u64 + 50)).await;
+    tokio::time::sleep(Duration::from_millis(
+        coordinator.config.lease_ms as u64 + 50,
+    ))
+    .await;
     // The background reaper may have run first; either way the lease is gone.
     coordinator.reap().await.unwrap();
-    let outcome = coordinator.heartbeat(lease.attempt, lease.token, &Progress::default(), &[]).await.unwrap();
+    let outcome = coordinator
+        .heartbeat(lease.attempt, lease.token, &Progress::default(), &[])
+        .await
+        .unwrap();
     assert_eq!(outcome, HeartbeatOutcome::LeaseLost);
-    tokio::time::sleep(Duration::from_millis(coordinator.config.retry.backoff_max_ms as u64 + 30)).await;
-    let again = coordinator.lease(second).await.unwrap().expect("the reaped trial is leased again");
+    tokio::time::sleep(Duration::from_millis(
+        coordinator.config.retry.backoff_max_ms as u64 + 30,
+    ))
+    .await;
+    let again = coordinator
+        .lease(second)
+        .await
+        .unwrap()
+        .expect("the reaped trial is leased again");
     assert_eq!(again.trial, lease.trial);
     let metrics = FinalMetrics {
         top1: 0.5,
@@ -281,8 +483,20 @@ async fn expired_leases_are_reaped_and_fenced() {
         checkpoint: None,
         epochs_metrics: vec![],
     };
-    assert_eq!(coordinator.complete(lease.attempt, lease.token, &metrics).await.unwrap(), CompleteOutcome::Late);
-    assert_eq!(coordinator.complete(again.attempt, again.token, &metrics).await.unwrap(), CompleteOutcome::Recorded);
+    assert_eq!(
+        coordinator
+            .complete(lease.attempt, lease.token, &metrics)
+            .await
+            .unwrap(),
+        CompleteOutcome::Late
+    );
+    assert_eq!(
+        coordinator
+            .complete(again.attempt, again.token, &metrics)
+            .await
+            .unwrap(),
+        CompleteOutcome::Recorded
+    );
     let history = coordinator.trial_history(lease.trial).await.unwrap();
     assert_eq!(history.late_results.len(), 1);
     assert!(history.result.is_some());

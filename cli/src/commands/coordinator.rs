@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 use crate::args::CoordinatorArgs;
 use crate::Failure;
 
-pub async fn run(args: &CoordinatorArgs, out: &mut impl Write, shutdown: CancellationToken) -> Result<(), Failure> {
+pub async fn run(
+    args: &CoordinatorArgs,
+    out: &mut impl Write,
+    shutdown: CancellationToken,
+) -> Result<(), Failure> {
     let overrides = Overrides {
         listen: args.listen.clone(),
         database_url: args.database.clone(),
@@ -21,25 +25,47 @@ pub async fn run(args: &CoordinatorArgs, out: &mut impl Write, shutdown: Cancell
         writeln!(out, "settings ok")?;
         writeln!(out, "listen {}", settings.listen)?;
         writeln!(out, "database {}", redact(&settings.database_url))?;
-        writeln!(out, "auth {}", if settings.tokens.is_enabled() { "on" } else { "off (loopback only)" })?;
-        writeln!(out, "tls {}", if settings.tls.is_some() { "on" } else { "off" })?;
+        writeln!(
+            out,
+            "auth {}",
+            if settings.tokens.is_enabled() {
+                "on"
+            } else {
+                "off (loopback only)"
+            }
+        )?;
+        writeln!(
+            out,
+            "tls {}",
+            if settings.tls.is_some() { "on" } else { "off" }
+        )?;
         return Ok(());
     }
     let bind_failure = |address: std::net::SocketAddr, error: std::io::Error| Failure {
         code: 1,
         message: format!("cannot listen on {address}: {error}"),
     };
-    let listener = TcpListener::bind(settings.listen).await.map_err(|e| bind_failure(settings.listen, e))?;
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| bind_failure(settings.listen, e))?;
     let metrics_listener = match settings.metrics_listen {
-        Some(address) => Some(TcpListener::bind(address).await.map_err(|e| bind_failure(address, e))?),
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .map_err(|e| bind_failure(address, e))?,
+        ),
         None => None,
     };
     let internal = |error: deepmad_coordinator::error::Error| Failure {
         code: 1,
         message: error.to_string(),
     };
-    let coordinator = app::open(&settings, shutdown.clone()).await.map_err(internal)?;
-    app::run(&settings, coordinator, listener, metrics_listener, shutdown).await.map_err(internal)
+    let coordinator = app::open(&settings, shutdown.clone())
+        .await
+        .map_err(internal)?;
+    app::run(&settings, coordinator, listener, metrics_listener, shutdown)
+        .await
+        .map_err(internal)
 }
 
 /// Hides a password in a database URL.

@@ -18,7 +18,9 @@ pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
         }
         Ok(request)
     }
@@ -37,19 +39,27 @@ impl Remote {
     /// Connects, or fails with a message naming the URL.
     pub async fn connect(args: &RemoteArgs) -> Result<Remote, Failure> {
         let endpoint = Endpoint::from_shared(args.coordinator.clone())
-            .map_err(|_| Failure::usage(format!("--coordinator: {:?} is not a URL like http://127.0.0.1:50051", args.coordinator)))?
+            .map_err(|_| {
+                Failure::usage(format!(
+                    "--coordinator: {:?} is not a URL like http://127.0.0.1:50051",
+                    args.coordinator
+                ))
+            })?
             .connect_timeout(std::time::Duration::from_secs(5));
         let channel = endpoint.connect().await.map_err(|error| Failure {
             code: 1,
-            message: format!("cannot reach the coordinator at {}: {error}", args.coordinator),
+            message: format!(
+                "cannot reach the coordinator at {}: {error}",
+                args.coordinator
+            ),
         })?;
         let bearer = match &args.token {
             None => Bearer(None),
-            Some(token) => Bearer(Some(
-                format!("Bearer {token}")
-                    .parse()
-                    .map_err(|_| Failure::usage("--token: must be printable ASCII"))?,
-            )),
+            Some(token) => {
+                Bearer(Some(format!("Bearer {token}").parse().map_err(|_| {
+                    Failure::usage("--token: must be printable ASCII")
+                })?))
+            }
         };
         Ok(Remote { channel, bearer })
     }
@@ -66,7 +76,12 @@ impl Remote {
 /// Maps a gRPC status to a CLI failure: the caller's fault exits 2, anything else 1.
 pub fn status_failure(status: Status) -> Failure {
     let code = match status.code() {
-        Code::InvalidArgument | Code::NotFound | Code::Unauthenticated | Code::PermissionDenied | Code::ResourceExhausted | Code::FailedPrecondition => 2,
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::Unauthenticated
+        | Code::PermissionDenied
+        | Code::ResourceExhausted
+        | Code::FailedPrecondition => 2,
         _ => 1,
     };
     Failure {

@@ -25,12 +25,22 @@ pub async fn leaderboard(args: &LeaderboardArgs, out: &mut impl Write) -> Result
         limit: args.limit,
     };
     let remote = Remote::connect(&args.remote).await?;
-    let rows = remote.results().leaderboard(request).await.map_err(status_failure)?.into_inner().rows;
+    let rows = remote
+        .results()
+        .leaderboard(request)
+        .await
+        .map_err(status_failure)?
+        .into_inner()
+        .rows;
     match args.format {
         TableFormat::Table => render::leaderboard(out, &rows)?,
         TableFormat::Json => {
             let values: Vec<_> = rows.iter().map(leaderboard_json).collect();
-            writeln!(out, "{}", serde_json::to_string_pretty(&values).expect("JSON serializes"))?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&values).expect("JSON serializes")
+            )?;
         }
         TableFormat::Csv => {
             writeln!(out, "design_id,family,dataset,recipe_hash,params,flops,layers,effectiveness,entropy,rho,seeds,top1_mean,top1_std,top5_mean")?;
@@ -89,8 +99,15 @@ fn csv_field(text: &str) -> String {
 
 pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Failure> {
     let remote = Remote::connect(&args.remote).await?;
-    let request = v1::ExportResultsRequest { sweep_id: args.sweep.clone() };
-    let mut stream = remote.results().export_results(request).await.map_err(status_failure)?.into_inner();
+    let request = v1::ExportResultsRequest {
+        sweep_id: args.sweep.clone(),
+    };
+    let mut stream = remote
+        .results()
+        .export_results(request)
+        .await
+        .map_err(status_failure)?
+        .into_inner();
     let mut rows = Vec::new();
     while let Some(chunk) = stream.message().await.map_err(status_failure)? {
         rows.extend(chunk.rows);
@@ -98,7 +115,11 @@ pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Fai
     match args.format {
         TableFormat::Json => {
             let values: Vec<_> = rows.iter().map(result_json).collect();
-            writeln!(out, "{}", serde_json::to_string_pretty(&values).expect("JSON serializes"))?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&values).expect("JSON serializes")
+            )?;
         }
         TableFormat::Csv | TableFormat::Table => {
             writeln!(out, "trial_id,design_id,family,dataset,recipe_hash,seed,rho,params,flops,layers,effectiveness,entropy,top1,top5,test_loss,train_seconds,epochs")?;
@@ -106,9 +127,23 @@ pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Fai
                 writeln!(
                     out,
                     "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-                    row.trial_id, row.design_id, family_name(row.family), csv_field(&row.dataset), row.recipe_hash,
-                    row.seed, row.rho.map_or(String::new(), |r| r.to_string()), row.params, row.flops, row.layers,
-                    row.effectiveness, row.entropy, row.top1, row.top5, row.test_loss, row.train_seconds, row.epochs
+                    row.trial_id,
+                    row.design_id,
+                    family_name(row.family),
+                    csv_field(&row.dataset),
+                    row.recipe_hash,
+                    row.seed,
+                    row.rho.map_or(String::new(), |r| r.to_string()),
+                    row.params,
+                    row.flops,
+                    row.layers,
+                    row.effectiveness,
+                    row.entropy,
+                    row.top1,
+                    row.top5,
+                    row.test_loss,
+                    row.train_seconds,
+                    row.epochs
                 )?;
             }
         }
@@ -128,8 +163,15 @@ fn result_json(row: &v1::ResultRow) -> serde_json::Value {
 
 pub async fn trial(args: &TrialShowArgs, out: &mut impl Write) -> Result<(), Failure> {
     let remote = Remote::connect(&args.remote).await?;
-    let request = v1::TrialHistoryRequest { trial_id: args.trial.clone() };
-    let history = remote.results().trial_history(request).await.map_err(status_failure)?.into_inner();
+    let request = v1::TrialHistoryRequest {
+        trial_id: args.trial.clone(),
+    };
+    let history = remote
+        .results()
+        .trial_history(request)
+        .await
+        .map_err(status_failure)?
+        .into_inner();
     render::trial(out, &history)?;
     Ok(())
 }

@@ -17,7 +17,9 @@ fn invalid(field: &str, reason: &str) -> Error {
 
 /// Reads a wire sweep spec into the domain spec (then validated by `SweepSpec::problems`).
 pub fn sweep_spec_from_proto(wire: v1::SweepSpec) -> Result<SweepSpec, Error> {
-    let grid = wire.grid.ok_or_else(|| invalid("spec.grid", "is required"))?;
+    let grid = wire
+        .grid
+        .ok_or_else(|| invalid("spec.grid", "is required"))?;
     let block = grid
         .families
         .iter()
@@ -45,7 +47,10 @@ pub fn sweep_spec_from_proto(wire: v1::SweepSpec) -> Result<SweepSpec, Error> {
             budget: grid
                 .budgets
                 .into_iter()
-                .map(|b| BudgetSpec { params: b.params, flops: b.flops })
+                .map(|b| BudgetSpec {
+                    params: b.params,
+                    flops: b.flops,
+                })
                 .collect(),
             resolution: grid.resolution.unwrap_or(224),
             num_classes: grid.num_classes.unwrap_or(1000),
@@ -78,12 +83,22 @@ pub fn sweep_spec_to_proto(spec: &SweepSpec) -> Result<v1::SweepSpec, Error> {
         grid: Some(v1::Grid {
             families,
             rho: spec.grid.rho.clone(),
-            alpha: spec.grid.alpha.iter().map(|values| v1::AlphaVector { values: values.clone() }).collect(),
+            alpha: spec
+                .grid
+                .alpha
+                .iter()
+                .map(|values| v1::AlphaVector {
+                    values: values.clone(),
+                })
+                .collect(),
             budgets: spec
                 .grid
                 .budget
                 .iter()
-                .map(|b| v1::Budget { params: b.params, flops: b.flops })
+                .map(|b| v1::Budget {
+                    params: b.params,
+                    flops: b.flops,
+                })
                 .collect(),
             resolution: Some(spec.grid.resolution),
             num_classes: Some(spec.grid.num_classes),

@@ -4,7 +4,10 @@ use std::time::Instant;
 
 use deepmad_design::analyze::{analyze_source, Options, Source};
 use deepmad_design::solver::solve;
-use deepmad_proto::convert::{analysis_to_proto, analyze_input_from_proto, problem_from_proto, solution_to_proto, NetworkSource};
+use deepmad_proto::convert::{
+    analysis_to_proto, analyze_input_from_proto, problem_from_proto, solution_to_proto,
+    NetworkSource,
+};
 use deepmad_proto::v1;
 use tonic::{Request, Response, Status};
 
@@ -20,7 +23,9 @@ fn design_error(field: &str) -> impl Fn(deepmad_design::DesignError) -> Error + 
     }
 }
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|error| Error::Internal(format!("blocking task failed: {error}")))?
@@ -28,11 +33,16 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + S
 
 #[tonic::async_trait]
 impl v1::design_service_server::DesignService for DesignHandler {
-    async fn analyze(&self, request: Request<v1::AnalyzeRequest>) -> Result<Response<v1::AnalyzeResponse>, Status> {
+    async fn analyze(
+        &self,
+        request: Request<v1::AnalyzeRequest>,
+    ) -> Result<Response<v1::AnalyzeResponse>, Status> {
         let input = analyze_input_from_proto(request.get_ref()).map_err(Error::from)?;
         let (source, field) = match input.source {
             NetworkSource::Builtin(name) => (Source::Builtin(name), "builtin"),
-            NetworkSource::ArchitectureJson(text) => (Source::ArchitectureJson(text), "architecture_json"),
+            NetworkSource::ArchitectureJson(text) => {
+                (Source::ArchitectureJson(text), "architecture_json")
+            }
             NetworkSource::Tinynas(text) => (Source::Tinynas(text), "tinynas"),
         };
         let options = Options {
@@ -42,7 +52,9 @@ impl v1::design_service_server::DesignService for DesignHandler {
             alpha: input.alpha,
             beta: input.beta,
         };
-        let analyzed = blocking(move || analyze_source(&source, &options).map_err(design_error(field))).await?;
+        let analyzed =
+            blocking(move || analyze_source(&source, &options).map_err(design_error(field)))
+                .await?;
         let networks = analyzed
             .iter()
             .map(|(net, analysis)| v1::AnalyzedNetwork {
@@ -53,7 +65,10 @@ impl v1::design_service_server::DesignService for DesignHandler {
         Ok(Response::new(v1::AnalyzeResponse { networks }))
     }
 
-    async fn solve(&self, request: Request<v1::SolveRequest>) -> Result<Response<v1::SolveResponse>, Status> {
+    async fn solve(
+        &self,
+        request: Request<v1::SolveRequest>,
+    ) -> Result<Response<v1::SolveResponse>, Status> {
         let problem = problem_from_proto(request.get_ref()).map_err(Error::from)?;
         let (solution, solve_ms) = blocking(move || {
             let started = Instant::now();

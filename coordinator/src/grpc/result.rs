@@ -26,7 +26,10 @@ type ExportStream = Pin<Box<dyn Stream<Item = Result<v1::ExportResultsResponse, 
 
 #[tonic::async_trait]
 impl v1::result_service_server::ResultService for ResultHandler {
-    async fn leaderboard(&self, request: Request<v1::LeaderboardRequest>) -> Result<Response<v1::LeaderboardResponse>, Status> {
+    async fn leaderboard(
+        &self,
+        request: Request<v1::LeaderboardRequest>,
+    ) -> Result<Response<v1::LeaderboardResponse>, Status> {
         let filter = leaderboard_filter_from_proto(request.get_ref(), 100, 10_000)?;
         let rows = self.coordinator.leaderboard(&filter).await?;
         Ok(Response::new(v1::LeaderboardResponse {
@@ -34,7 +37,10 @@ impl v1::result_service_server::ResultService for ResultHandler {
         }))
     }
 
-    async fn trial_history(&self, request: Request<v1::TrialHistoryRequest>) -> Result<Response<v1::TrialHistoryResponse>, Status> {
+    async fn trial_history(
+        &self,
+        request: Request<v1::TrialHistoryRequest>,
+    ) -> Result<Response<v1::TrialHistoryResponse>, Status> {
         let trial: TrialId = parse_id(&request.get_ref().trial_id, "trial_id")?;
         let history = self.coordinator.trial_history(trial).await?;
         Ok(Response::new(v1::TrialHistoryResponse::from(&history)))
@@ -42,12 +48,19 @@ impl v1::result_service_server::ResultService for ResultHandler {
 
     type ExportResultsStream = ExportStream;
 
-    async fn export_results(&self, request: Request<v1::ExportResultsRequest>) -> Result<Response<Self::ExportResultsStream>, Status> {
+    async fn export_results(
+        &self,
+        request: Request<v1::ExportResultsRequest>,
+    ) -> Result<Response<Self::ExportResultsStream>, Status> {
         let sweep: SweepId = parse_id(&request.get_ref().sweep_id, "sweep_id")?;
         let rows = self.coordinator.export_results(sweep).await?;
         let chunks: Vec<Result<v1::ExportResultsResponse, Status>> = rows
             .chunks(500)
-            .map(|chunk| Ok(v1::ExportResultsResponse { rows: chunk.iter().map(v1::ResultRow::from).collect() }))
+            .map(|chunk| {
+                Ok(v1::ExportResultsResponse {
+                    rows: chunk.iter().map(v1::ResultRow::from).collect(),
+                })
+            })
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }

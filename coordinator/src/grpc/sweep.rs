@@ -32,31 +32,48 @@ type ProgressStream = Pin<Box<dyn Stream<Item = Result<v1::SweepProgress, Status
 
 #[tonic::async_trait]
 impl v1::sweep_service_server::SweepService for SweepHandler {
-    async fn create_sweep(&self, request: Request<v1::CreateSweepRequest>) -> Result<Response<v1::CreateSweepResponse>, Status> {
+    async fn create_sweep(
+        &self,
+        request: Request<v1::CreateSweepRequest>,
+    ) -> Result<Response<v1::CreateSweepResponse>, Status> {
         let created_by = crate::auth::caller_name(&request);
-        let wire = request.into_inner().spec.ok_or_else(|| Error::InvalidArgument {
-            field: "spec".into(),
-            reason: "is required".into(),
-        })?;
+        let wire = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Error::InvalidArgument {
+                field: "spec".into(),
+                reason: "is required".into(),
+            })?;
         let spec = sweep_spec_from_proto(wire)?;
         let (id, created, grid) = self.coordinator.create_sweep(spec, &created_by).await?;
         let infeasible = grid.iter().filter_map(infeasible_point).collect();
-        Ok(Response::new(create_sweep_response(id, &created, infeasible)))
+        Ok(Response::new(create_sweep_response(
+            id, &created, infeasible,
+        )))
     }
 
-    async fn retry_trials(&self, request: Request<v1::RetryTrialsRequest>) -> Result<Response<v1::RetryTrialsResponse>, Status> {
+    async fn retry_trials(
+        &self,
+        request: Request<v1::RetryTrialsRequest>,
+    ) -> Result<Response<v1::RetryTrialsResponse>, Status> {
         let id: SweepId = parse_id(&request.get_ref().sweep_id, "sweep_id")?;
         let requeued = self.coordinator.retry_trials(id).await?;
         Ok(Response::new(v1::RetryTrialsResponse { requeued }))
     }
 
-    async fn get_sweep(&self, request: Request<v1::GetSweepRequest>) -> Result<Response<v1::SweepSummary>, Status> {
+    async fn get_sweep(
+        &self,
+        request: Request<v1::GetSweepRequest>,
+    ) -> Result<Response<v1::SweepSummary>, Status> {
         let id: SweepId = parse_id(&request.get_ref().sweep_id, "sweep_id")?;
         let summary = self.coordinator.get_sweep(id).await?;
         Ok(Response::new(v1::SweepSummary::from(&summary)))
     }
 
-    async fn list_sweeps(&self, request: Request<v1::ListSweepsRequest>) -> Result<Response<v1::ListSweepsResponse>, Status> {
+    async fn list_sweeps(
+        &self,
+        request: Request<v1::ListSweepsRequest>,
+    ) -> Result<Response<v1::ListSweepsResponse>, Status> {
         let limit = match request.get_ref().limit {
             0 => 100,
             n => n,
@@ -67,7 +84,10 @@ impl v1::sweep_service_server::SweepService for SweepHandler {
         }))
     }
 
-    async fn cancel_sweep(&self, request: Request<v1::CancelSweepRequest>) -> Result<Response<v1::SweepSummary>, Status> {
+    async fn cancel_sweep(
+        &self,
+        request: Request<v1::CancelSweepRequest>,
+    ) -> Result<Response<v1::SweepSummary>, Status> {
         let id: SweepId = parse_id(&request.get_ref().sweep_id, "sweep_id")?;
         let summary = self.coordinator.cancel_sweep(id).await?;
         Ok(Response::new(v1::SweepSummary::from(&summary)))
@@ -75,7 +95,10 @@ impl v1::sweep_service_server::SweepService for SweepHandler {
 
     type WatchSweepStream = ProgressStream;
 
-    async fn watch_sweep(&self, request: Request<v1::WatchSweepRequest>) -> Result<Response<Self::WatchSweepStream>, Status> {
+    async fn watch_sweep(
+        &self,
+        request: Request<v1::WatchSweepRequest>,
+    ) -> Result<Response<Self::WatchSweepStream>, Status> {
         let id: SweepId = parse_id(&request.get_ref().sweep_id, "sweep_id")?;
         // Fail fast on an unknown sweep, before the stream starts.
         let first = self.coordinator.get_sweep(id).await?;
@@ -86,13 +109,16 @@ impl v1::sweep_service_server::SweepService for SweepHandler {
             let mut summary = first;
             loop {
                 if last.as_ref() != Some(&summary) {
-                    let message = v1::SweepProgress { sweep: Some(v1::SweepSummary::from(&summary)) };
+                    let message = v1::SweepProgress {
+                        sweep: Some(v1::SweepSummary::from(&summary)),
+                    };
                     if sender.send(Ok(message)).await.is_err() {
                         return; // the client went away
                     }
                 }
                 let counts = summary.counts;
-                let finished = summary.state != SweepState::Active || counts.queued + counts.running == 0;
+                let finished =
+                    summary.state != SweepState::Active || counts.queued + counts.running == 0;
                 if finished {
                     return;
                 }

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use deepmad_proto::v1;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{epochs_from_proto, final_metrics_from_proto, parse_id, progress_from_proto, reported_failure_class, worker_from_proto};
+use crate::convert::{
+    epochs_from_proto, final_metrics_from_proto, parse_id, progress_from_proto,
+    reported_failure_class, worker_from_proto,
+};
 use crate::error::Error;
 use crate::model::{AttemptId, LeaseToken, WorkerId};
 use crate::service::Coordinator;
@@ -28,12 +31,18 @@ impl WorkHandler {
 }
 
 fn lease_ids(attempt: &str, token: &str) -> Result<(AttemptId, LeaseToken), Error> {
-    Ok((parse_id(attempt, "attempt_id")?, parse_id(token, "lease_token")?))
+    Ok((
+        parse_id(attempt, "attempt_id")?,
+        parse_id(token, "lease_token")?,
+    ))
 }
 
 #[tonic::async_trait]
 impl v1::work_service_server::WorkService for WorkHandler {
-    async fn register(&self, request: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
         let worker = worker_from_proto(request.get_ref())?;
         self.coordinator.register(worker).await?;
         let config = &self.coordinator.config;
@@ -44,24 +53,43 @@ impl v1::work_service_server::WorkService for WorkHandler {
         }))
     }
 
-    async fn lease(&self, request: Request<v1::LeaseRequest>) -> Result<Response<v1::LeaseResponse>, Status> {
+    async fn lease(
+        &self,
+        request: Request<v1::LeaseRequest>,
+    ) -> Result<Response<v1::LeaseResponse>, Status> {
         let worker: WorkerId = parse_id(&request.get_ref().worker_id, "worker_id")?;
         let lease = self.coordinator.lease(worker).await?;
         let assignment = lease.as_ref().map(v1::Assignment::from);
-        let retry_after_ms = if assignment.is_some() { 0 } else { IDLE_RETRY_MS };
-        Ok(Response::new(v1::LeaseResponse { assignment, retry_after_ms }))
+        let retry_after_ms = if assignment.is_some() {
+            0
+        } else {
+            IDLE_RETRY_MS
+        };
+        Ok(Response::new(v1::LeaseResponse {
+            assignment,
+            retry_after_ms,
+        }))
     }
 
-    async fn heartbeat(&self, request: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let wire = request.get_ref();
         let (attempt, token) = lease_ids(&wire.attempt_id, &wire.lease_token)?;
         let progress = progress_from_proto(wire.progress.as_ref())?;
         let epochs = epochs_from_proto(&wire.epochs, "epochs")?;
-        let outcome = self.coordinator.heartbeat(attempt, token, &progress, &epochs).await?;
+        let outcome = self
+            .coordinator
+            .heartbeat(attempt, token, &progress, &epochs)
+            .await?;
         Ok(Response::new(v1::HeartbeatResponse::from(&outcome)))
     }
 
-    async fn complete(&self, request: Request<v1::CompleteRequest>) -> Result<Response<v1::CompleteResponse>, Status> {
+    async fn complete(
+        &self,
+        request: Request<v1::CompleteRequest>,
+    ) -> Result<Response<v1::CompleteResponse>, Status> {
         let wire = request.get_ref();
         let (attempt, token) = lease_ids(&wire.attempt_id, &wire.lease_token)?;
         let metrics = final_metrics_from_proto(wire.metrics.as_ref())?;
@@ -69,12 +97,18 @@ impl v1::work_service_server::WorkService for WorkHandler {
         Ok(Response::new(v1::CompleteResponse::from(outcome)))
     }
 
-    async fn fail(&self, request: Request<v1::FailRequest>) -> Result<Response<v1::FailResponse>, Status> {
+    async fn fail(
+        &self,
+        request: Request<v1::FailRequest>,
+    ) -> Result<Response<v1::FailResponse>, Status> {
         let wire = request.get_ref();
         let (attempt, token) = lease_ids(&wire.attempt_id, &wire.lease_token)?;
         let class = reported_failure_class(wire.failure_class, "failure_class")?;
         let message: String = wire.message.chars().take(MAX_FAILURE_MESSAGE).collect();
-        let outcome = self.coordinator.fail(attempt, token, class, &message).await?;
+        let outcome = self
+            .coordinator
+            .fail(attempt, token, class, &message)
+            .await?;
         Ok(Response::new(v1::FailResponse::from(&outcome)))
     }
 }
