@@ -21,6 +21,10 @@ pub enum Command {
     Design(DesignArgs),
     /// Runs the coordinator: sweeps, leases and results over gRPC.
     Coordinator(CoordinatorArgs),
+    /// Runs a worker: leases trials from a coordinator and trains them on one device.
+    Worker(WorkerArgs),
+    /// Trains one network on one dataset, without a coordinator, with a progress bar.
+    Train(TrainArgs),
     /// Creates, lists, shows, cancels, watches or retries sweeps on a coordinator.
     Sweep {
         #[command(subcommand)]
@@ -63,6 +67,57 @@ pub struct CoordinatorArgs {
     /// Loads and validates the settings, prints them, and exits.
     #[arg(long)]
     pub check_config: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// A name for logs and the coordinator's worker list (default: the host and device).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where checkpoints and undelivered results are kept.
+    #[arg(long, default_value = ".deepmad-worker")]
+    pub work_dir: PathBuf,
+    /// Stops after this many trials.
+    #[arg(long)]
+    pub max_trials: Option<u32>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// A built-in network (resnet18, resnet34, resnet50, mobilenet_v2, efficientnet_b0) or a
+    /// deepmad architecture JSON file (`deepmad design --format json`).
+    pub design: String,
+    /// The dataset as KIND:PATH, KIND one of cifar10, cifar100, idx, folder (default: the
+    /// recipe's `dataset`), e.g. idx:data/mnist-subset.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// A TOML recipe (default: the paper's Table 12, CIFAR-100 column); see worker/recipes/.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Overrides the recipe's number of (cosine) epochs.
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    /// Seed of initialisation, shuffling and augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Checkpoint file: resumed from when it exists, written after every epoch and on Ctrl-C.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Threads of candle's CPU kernels (sets CANDLE_NUM_THREADS; 1 is fastest on a busy
+    /// machine, see worker/README.md).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Prints the result (every epoch's metrics, hashes) as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

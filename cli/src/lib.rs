@@ -59,6 +59,8 @@ pub async fn run(
         Command::Coordinator(coordinator) => {
             commands::coordinator::run(&coordinator, out, shutdown).await
         }
+        Command::Worker(worker) => commands::worker::run(&worker, out, shutdown).await,
+        Command::Train(train) => commands::train::run(&train, out, shutdown).await,
         Command::Sweep { command } => commands::sweep::run(&command, out).await,
         Command::Leaderboard(leaderboard) => {
             commands::results::leaderboard(&leaderboard, out).await

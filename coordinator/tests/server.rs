@@ -78,6 +78,12 @@ impl SweepService for Stub {
     ) -> Answer<v1::SweepSummary> {
         Err(caller(&request))
     }
+    async fn retry_trials(
+        &self,
+        request: Request<v1::RetryTrialsRequest>,
+    ) -> Answer<v1::RetryTrialsResponse> {
+        Err(caller(&request))
+    }
     async fn watch_sweep(
         &self,
         request: Request<v1::WatchSweepRequest>,

@@ -6,6 +6,8 @@ pub mod design;
 pub mod remote;
 pub mod results;
 pub mod sweep;
+pub mod train;
+pub mod worker;
 
 use deepmad_design::score::ObjectiveKind;
 use deepmad_design::units::parse_count;

@@ -122,10 +122,13 @@ impl PgStore {
         let (trial, view) = lock_attempt(&mut tx, attempt).await?;
         check_token(&view, attempt, token)?;
         if view.state == AttemptState::Cancelled {
+            // Roll back now: a dropped transaction releases its row locks only lazily.
+            tx.rollback().await?;
             return Ok(HeartbeatOutcome::Cancelled);
         }
         if !view.holds_lease(now) {
             // An expired lease is lost now; the reaper requeues the trial under its policy.
+            tx.rollback().await?;
             return Ok(HeartbeatOutcome::LeaseLost);
         }
         upsert_epochs(&mut tx, attempt, trial.id, epochs, now).await?;
@@ -166,6 +169,7 @@ impl PgStore {
         let (trial, view) = lock_attempt(&mut tx, attempt).await?;
         check_token(&view, attempt, token)?;
         if view.state == AttemptState::Succeeded {
+            tx.rollback().await?;
             return Ok(CompleteOutcome::Duplicate);
         }
         upsert_epochs(&mut tx, attempt, trial.id, &metrics.epochs_metrics, now).await?;
@@ -191,6 +195,7 @@ impl PgStore {
         let (trial, view) = lock_attempt(&mut tx, attempt).await?;
         check_token(&view, attempt, token)?;
         if !view.holds_lease(now) {
+            tx.rollback().await?;
             return Ok(FailOutcome::NotLeaseHolder);
         }
         finish_attempt(&mut tx, attempt, AttemptState::Failed, report, now).await?;
@@ -261,6 +266,7 @@ impl PgStore {
         .await?
         .rows_affected();
         if expired == 0 {
+            tx.rollback().await?;
             return Ok(false);
         }
         let (counters, verdict) =

@@ -1,0 +1,277 @@
+//! The trainer end to end on the shipped real data: checkpoints resume into an identical
+//! continuation, stops and cancellation leave a resumable state, mismatches are refused, and
+//! a small designed network learns MNIST well above chance.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use deepmad_design::{Activation, BlockKind, Network, Stage, Stem};
+use deepmad_worker::{
+    CancellationFlag, Control, Dataset, EpochMetrics, FailureClass, LoadOptions, NoHooks, Recipe,
+    StepProgress, StopReason, TrainHooks, TrainOutcome, Trainer, TrainerOptions, TrialSpec,
+    WorkerError,
+};
+
+use crate::nets;
+
+fn mnist(train: usize, test: usize) -> Arc<Dataset> {
+    let options = LoadOptions {
+        side: 28,
+        channels: 1,
+    };
+    let full = Dataset::load(&crate::shipped_mnist(), options).unwrap();
+    Arc::new(full.truncated(train, test).unwrap())
+}
+
+/// A short recipe with every augmentation on (flips make no sense for digits but exercise
+/// the code); BN momentum 0.1 so running statistics settle within a few dozen steps.
+fn quick_recipe(epochs: u32, batch_size: u32) -> Recipe {
+    Recipe {
+        epochs,
+        warmup_epochs: 1,
+        batch_size,
+        eval_batch_size: 100,
+        lr: 0.05,
+        bn_momentum: 0.1,
+        cutmix_alpha: 1.0,
+        crop_padding: 2,
+        ..Recipe::default()
+    }
+}
+
+fn spec(recipe: Recipe, seed: u64) -> TrialSpec {
+    TrialSpec {
+        network: nets::tiny(BlockKind::Basic, 1, 28, 10),
+        recipe,
+        seed,
+    }
+}
+
+fn weights(trainer: &Trainer) -> Vec<(String, Vec<f32>)> {
+    trainer
+        .model()
+        .named_vars()
+        .iter()
+        .map(|named| {
+            let values = named.var.flatten_all().unwrap().to_vec1().unwrap();
+            (named.name.clone(), values)
+        })
+        .collect()
+}
+
+/// The history without wall-clock fields, which legitimately differ between runs.
+fn comparable(history: &[EpochMetrics]) -> Vec<(u32, f64, f64, f64, f64, f64)> {
+    history
+        .iter()
+        .map(|m| {
+            (
+                m.epoch,
+                m.lr,
+                m.train_loss,
+                m.train_top1,
+                m.test.loss,
+                m.test.top1,
+            )
+        })
+        .collect()
+}
+
+fn options(checkpoint: Option<std::path::PathBuf>) -> TrainerOptions {
+    TrainerOptions {
+        checkpoint,
+        ..TrainerOptions::new(crate::cpu())
+    }
+}
+
+/// Stops after `steps` steps.
+struct StopAfter {
+    steps: u64,
+}
+
+impl TrainHooks for StopAfter {
+    fn on_step(&mut self, progress: &StepProgress) -> Control {
+        if progress.position.global_step >= self.steps {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    }
+}
+
+fn run_to_end(trainer: &mut Trainer) -> Vec<EpochMetrics> {
+    match trainer.run(&mut NoHooks, &CancellationFlag::new()).unwrap() {
+        TrainOutcome::Completed(result) => result.epochs,
+        other => panic!("expected completion, got {other:?}"),
+    }
+}
+
+#[test]
+fn resuming_from_a_checkpoint_continues_identically() {
+    let data = mnist(256, 64);
+    let recipe = quick_recipe(2, 32);
+    let mut straight =
+        Trainer::new(spec(recipe.clone(), 5), Arc::clone(&data), options(None)).unwrap();
+    let straight_history = run_to_end(&mut straight);
+
+    // Interrupted twice: mid-epoch by a hook (step 3 of 8), then at the epoch's end by cancel.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trial.safetensors");
+    let mut first = Trainer::new(
+        spec(recipe.clone(), 5),
+        Arc::clone(&data),
+        options(Some(path.clone())),
+    )
+    .unwrap();
+    let outcome = first
+        .run(&mut StopAfter { steps: 3 }, &CancellationFlag::new())
+        .unwrap();
+    let TrainOutcome::Stopped { reason, state } = outcome else {
+        panic!("expected a stop");
+    };
+    assert_eq!(reason, StopReason::Hook);
+    assert_eq!((state.position.epoch, state.position.batch), (0, 3));
+    drop(first);
+
+    let mut second = Trainer::new(
+        spec(recipe.clone(), 5),
+        Arc::clone(&data),
+        options(Some(path.clone())),
+    )
+    .unwrap();
+    assert!(second.resumed());
+    let cancel = CancellationFlag::new();
+    let mut cancel_at_epoch_end = CancelAtEpochEnd(cancel.clone());
+    let outcome = second.run(&mut cancel_at_epoch_end, &cancel).unwrap();
+    assert!(matches!(
+        outcome,
+        TrainOutcome::Stopped {
+            reason: StopReason::Cancelled,
+            ..
+        }
+    ));
+    assert_eq!(second.state().history.len(), 1);
+    drop(second);
+
+    let mut third = Trainer::new(spec(recipe, 5), data, options(Some(path))).unwrap();
+    let resumed_history = run_to_end(&mut third);
+    assert_eq!(comparable(&resumed_history), comparable(&straight_history));
+    assert_eq!(
+        weights(&third),
+        weights(&straight),
+        "bit-identical weights and BN statistics"
+    );
+}
+
+/// Cancels once the first epoch has been evaluated.
+struct CancelAtEpochEnd(CancellationFlag);
+
+impl TrainHooks for CancelAtEpochEnd {
+    fn on_epoch(&mut self, _metrics: &EpochMetrics) -> Control {
+        self.0.cancel();
+        Control::Continue
+    }
+}
+
+#[test]
+fn a_checkpoint_of_another_trial_is_refused() {
+    let data = mnist(64, 32);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trial.safetensors");
+    let mut trainer = Trainer::new(
+        spec(quick_recipe(1, 32), 1),
+        Arc::clone(&data),
+        options(Some(path.clone())),
+    )
+    .unwrap();
+    run_to_end(&mut trainer);
+    let error = Trainer::new(spec(quick_recipe(1, 32), 2), data, options(Some(path))).unwrap_err();
+    assert!(error.to_string().contains("seed"), "{error}");
+    assert_eq!(error.class(), FailureClass::Retryable);
+}
+
+#[test]
+fn a_design_for_other_data_is_a_deterministic_error() {
+    let data = mnist(64, 32);
+    let mut wrong = spec(quick_recipe(1, 32), 1);
+    wrong.network.num_classes = 100;
+    let error = Trainer::new(wrong, data, options(None)).unwrap_err();
+    assert!(error.to_string().contains("class count is 100"), "{error}");
+    assert_eq!(error.class(), FailureClass::Deterministic);
+}
+
+/// The real-learning test. A small ResNet-style design (stride-2 stem, then basic blocks of
+/// 8, 16 and 32 channels; 19,810 parameters) trains 2 epochs (188 steps of 32) on the first
+/// 3000 shipped MNIST training images and is evaluated on the 2000 shipped test images.
+/// Chance is 10%. The run reaches 94.35% (deterministic: the same on every run and in release
+/// builds); the assertion asks for 80%, far above chance and 14 points under what it reaches,
+/// so that a change of seed, summation order or candle version does not make it flaky.
+#[test]
+fn a_designed_network_learns_real_digits() {
+    let data = mnist(3000, 2000);
+    let network = Network {
+        resolution: 28,
+        in_channels: 1,
+        num_classes: 10,
+        activation: Activation::Relu,
+        stem: Stem {
+            out: 8,
+            kernel: 3,
+            stride: 2,
+            max_pool: false,
+        },
+        stages: vec![basic(8, 8, 1), basic(8, 16, 2), basic(16, 32, 2)],
+        head: None,
+    };
+    let recipe = Recipe {
+        epochs: 2,
+        warmup_epochs: 0,
+        batch_size: 32,
+        eval_batch_size: 500,
+        lr: 0.2,
+        bn_momentum: 0.1,
+        mixup_alpha: 0.0,
+        hflip_prob: 0.0,
+        random_erase_prob: 0.0,
+        crop_padding: 2,
+        ..Recipe::default()
+    };
+    let started = Instant::now();
+    let spec = TrialSpec {
+        network,
+        recipe,
+        seed: 0,
+    };
+    let mut trainer = Trainer::new(spec, data, options(None)).unwrap();
+    let history = run_to_end(&mut trainer);
+    let last = history.last().unwrap();
+    eprintln!(
+        "real-learning: top-1 {:.4}, top-5 {:.4}, test loss {:.4}, {:.1} s, {:.0} images/s",
+        last.test.top1,
+        last.test.top5,
+        last.test.loss,
+        started.elapsed().as_secs_f64(),
+        last.images_per_second
+    );
+    assert!(last.test.top1 > 0.80, "top-1 {}", last.test.top1);
+    assert!(last.test.top5 > last.test.top1);
+}
+
+fn basic(cin: u32, out: u32, stride: u32) -> Stage {
+    Stage {
+        block: BlockKind::Basic,
+        in_channels: cin,
+        out,
+        stride,
+        depth: 1,
+        kernel: 3,
+        mid: None,
+        se: false,
+    }
+}
+
+#[test]
+fn a_batch_larger_than_the_training_set_is_refused() {
+    let data = mnist(16, 16);
+    let error = Trainer::new(spec(quick_recipe(1, 32), 1), data, options(None)).unwrap_err();
+    assert!(matches!(error, WorkerError::Incompatible { .. }), "{error}");
+}
