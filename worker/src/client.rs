@@ -400,7 +400,12 @@ impl TrialRun<'_> {
         })?;
         recipe.validate()?;
         let spec: DatasetSpec = assignment.dataset.parse()?;
-        let dataset = match datasets.get(&assignment.dataset) {
+        // The same files load differently for designs of another side or channel count.
+        let key = format!(
+            "{}@{}x{}",
+            assignment.dataset, network.resolution, network.in_channels
+        );
+        let dataset = match datasets.get(&key) {
             Some(dataset) => dataset.clone(),
             None => {
                 let options = LoadOptions {
@@ -413,7 +418,7 @@ impl TrialRun<'_> {
                         reason: error.to_string(),
                     })??;
                 let loaded = Arc::new(loaded);
-                datasets.insert(assignment.dataset.clone(), loaded.clone());
+                datasets.insert(key, loaded.clone());
                 loaded
             }
         };

@@ -1,11 +1,14 @@
 //! 2-D convolution for training: im2col + matrix product, so that the backward pass is two
 //! matrix products and a col2im, on every device.
 //!
-//! Why not `Tensor::conv2d` everywhere: on the CPU, candle 0.11's conv backward runs a naive
-//! `conv_transpose2d` loop and builds a grouped convolution from one convolution per group, so
-//! a depthwise 3x3 on 96 channels is 96 tiny convolutions (measured: a ResNet-20 step at batch
-//! 128 took 3.8 s, an MBConv step 13 s, on this project's 2-core CI machine). Here:
-//! - dense convolutions on the CPU: [`Im2Col`] (a custom op whose backward is col2im) and one
+//! Why not `Tensor::conv2d` everywhere: on the CPU, candle 0.11 computes a convolution's input
+//! gradient with a naive `conv_transpose2d` loop, and a grouped convolution as one convolution
+//! per group, so a depthwise 3x3 on 96 channels is 96 tiny convolutions forward and backward.
+//! Measured on this project's 2-core machine (batch 128, 16 -> 16 channels at 32x32): forward
+//! and backward 0.41 s with candle's, 0.24 s with ours; a 96-channel depthwise layer at 16x16,
+//! 1.4 s and 1.1 s before the batched product below, which then made a whole MBConv training
+//! step 1.8x faster. Here:
+//! - dense convolutions on the CPU: `Im2Col` (a custom op whose backward is col2im) and one
 //!   batched matrix product with the `(out, in * k * k)` weight;
 //! - depthwise convolutions on any device: the same columns, times the per-channel taps as a
 //!   batched matrix product;

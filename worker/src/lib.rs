@@ -7,11 +7,12 @@
 //! [`control::CancellationFlag`]; an interrupted trial resumes from its checkpoint.
 //!
 //! The pieces: [`model::Model`] and [`blocks`] (the network, layer for layer as
-//! `deepmad_design::count::walk` lists it), [`conv`] (convolutions with a fast backward),
-//! [`init`] (seeded torchvision initialisation), [`data`] (CIFAR, IDX, image folders,
-//! augmentation, prefetch), [`recipe::Recipe`], [`optim::Sgd`], [`schedule::CosineSchedule`],
-//! [`loss`], [`checkpoint`], [`metrics`], and [`error::WorkerError`] with its
-//! [`error::FailureClass`].
+//! `deepmad_design::count::walk` lists it), [`conv`] and [`norm`] (convolution and BatchNorm
+//! with a fast CPU backward), [`init`] (seeded torchvision initialisation), [`data`] (CIFAR,
+//! IDX, image folders, augmentation, prefetch), [`recipe::Recipe`], [`optim::Sgd`],
+//! [`schedule::CosineSchedule`], [`loss`], [`checkpoint`], [`metrics`], and
+//! [`error::WorkerError`] with its [`error::FailureClass`]. `worker/README.md` has the
+//! conventions, the measured speeds and what is missing.
 //!
 //! [`client`] is the coordinator client loop: it registers, leases trials, drives [`train`] on
 //! a blocking thread while heartbeating, and reports results without ever dropping one.

@@ -210,13 +210,25 @@ impl ProgressHooks {
         );
         bar.set_position(state.position.global_step);
         if trainer.resumed() {
-            bar.println(format!(
-                "resumed at epoch {}, batch {} ({history} epochs done)",
-                state.position.epoch + 1,
-                state.position.batch
-            ));
+            print_above(
+                &bar,
+                format!(
+                    "resumed at epoch {}, batch {} ({history} epochs done)",
+                    state.position.epoch + 1,
+                    state.position.batch
+                ),
+            );
         }
         ProgressHooks { bar }
+    }
+}
+
+/// Prints a line above the bar, or plainly when the bar is hidden (stderr is not a terminal).
+fn print_above(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
     }
 }
 
@@ -235,7 +247,9 @@ impl TrainHooks for ProgressHooks {
     }
 
     fn on_epoch(&mut self, metrics: &EpochMetrics) -> Control {
-        self.bar.println(format!(
+        print_above(
+            &self.bar,
+            format!(
             "epoch {}: train loss {:.4}, test loss {:.4}, top-1 {:.2}%, top-5 {:.2}% ({:.0} img/s)",
             metrics.epoch,
             metrics.train_loss,
@@ -243,7 +257,8 @@ impl TrainHooks for ProgressHooks {
             100.0 * metrics.test.top1,
             100.0 * metrics.test.top5,
             metrics.images_per_second
-        ));
+        ),
+        );
         Control::Continue
     }
 }
@@ -277,7 +292,7 @@ fn report(args: &TrainArgs, outcome: TrainOutcome, out: &mut impl Write) -> Resu
 
 fn summary_line(result: &TrialResult) -> String {
     format!(
-        "top-1 {:.2}%  top-5 {:.2}%  test loss {:.4}  ({} epochs, {} params, design {}, dataset {})",
+        "top-1 {:.2}%  top-5 {:.2}%  test loss {:.4}  (epochs {}, params {}, design {}, dataset {})",
         100.0 * result.final_test.top1,
         100.0 * result.final_test.top5,
         result.final_test.loss,

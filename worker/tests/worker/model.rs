@@ -142,3 +142,81 @@ fn batch_norm_running_stats_move_in_train_mode_only() {
     model.forward_t(&xs, true).unwrap();
     assert_ne!(running_mean(), before, "train mode updates running stats");
 }
+
+/// Same seed, same initial weights on CPU and CUDA (values are drawn on the CPU, then copied),
+/// and both devices compute the same training-mode forward pass and gradients up to float
+/// rounding. Needs a GPU and a build with `--features cuda`; not run on CI.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_matches_cpu_weights_forward_and_gradients() {
+    let cuda = candle_core::Device::new_cuda(0).expect("a CUDA device");
+    let cpu = crate::cpu();
+    let values = |tensor: &Tensor| -> Vec<f32> {
+        let on_cpu = tensor.to_device(&cpu).unwrap();
+        on_cpu.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    for (name, net) in nets::all_families(3, 16, 10) {
+        let on_cpu = Model::build(&net, 7, 0.1, &cpu).unwrap();
+        let on_gpu = Model::build(&net, 7, 0.1, &cuda).unwrap();
+        for (a, b) in on_cpu.named_vars().iter().zip(on_gpu.named_vars()) {
+            assert_eq!(a.name, b.name);
+            assert_eq!(
+                values(a.var.as_tensor()),
+                values(b.var.as_tensor()),
+                "{name}: {}",
+                a.name
+            );
+        }
+        let xs = Tensor::randn(0f32, 1., (4, 3, 16, 16), &cpu).unwrap();
+        let cpu_logits = on_cpu.forward_t(&xs, true).unwrap();
+        let gpu_logits = on_gpu
+            .forward_t(&xs.to_device(&cuda).unwrap(), true)
+            .unwrap();
+        let difference = (cpu_logits.clone() - gpu_logits.to_device(&cpu).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(difference < 1e-3, "{name}: logits differ by {difference}");
+        let cpu_grads = cpu_logits
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gpu_grads = gpu_logits
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (a, b) in on_cpu.named_vars().iter().zip(on_gpu.named_vars()) {
+            if a.role == VarRole::Buffer {
+                continue;
+            }
+            let (ga, gb) = (
+                cpu_grads.get(a.var.as_tensor()),
+                gpu_grads.get(b.var.as_tensor()),
+            );
+            let (ga, gb) = (values(ga.unwrap()), values(gb.unwrap()));
+            let worst = ga
+                .iter()
+                .zip(&gb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            let scale = ga.iter().map(|x| x.abs()).fold(1e-3f32, f32::max);
+            assert!(
+                worst / scale < 1e-2,
+                "{name}: gradient of {} differs",
+                a.name
+            );
+        }
+    }
+}
