@@ -47,6 +47,11 @@ pub struct Solution {
 
 /// Independent population searches, each polished to a local optimum.
 const ISLANDS: u64 = 4;
+/// Best distinct members of each island's final population that are polished.
+const POLISHED_PER_ISLAND: usize = 1;
+/// Iterated-local-search kicks from the best local optimum: structural jumps the polish
+/// neighbourhoods cannot make (several depths and kernels at once), each polished again.
+const KICKS: u64 = 8;
 
 /// Solves `problem`: returns the best feasible design found, its analysis and its certificate.
 ///
@@ -58,16 +63,43 @@ pub fn solve(problem: &Problem) -> Result<Solution, DesignError> {
     let minimal = ctx.minimal();
     minimal.validate()?;
     check_smallest_fits(&ctx, &minimal)?;
-    // Independent populations settle in different basins; the best of each is polished.
+    // Independent populations settle in different basins; the best few of each are polished.
     let mut best: Option<(Network, Eval, u64)> = None;
-    for seed in 1..=ISLANDS {
-        let ranked = search::population_search(&ctx, &minimal, seed);
-        let (mut network, mut eval) = ranked[0].clone();
-        let checked = polish::polish(&ctx, &mut network, &mut eval);
+    let mut consider = |network: Network, eval: Eval, checked: u64| {
         if best
             .as_ref()
             .is_none_or(|(_, best_eval, _)| eval.better_than(best_eval))
         {
+            best = Some((network, eval, checked));
+        }
+    };
+    for seed in 1..=ISLANDS {
+        let ranked = search::population_search(&ctx, &minimal, seed);
+        let mut polished: Vec<Network> = Vec::new();
+        for (network, eval) in &ranked {
+            if polished.len() == POLISHED_PER_ISLAND {
+                break;
+            }
+            if polished.contains(network) {
+                continue;
+            }
+            polished.push(network.clone());
+            let (mut network, mut eval) = (network.clone(), *eval);
+            let checked = polish::polish(&ctx, &mut network, &mut eval);
+            consider(network, eval, checked);
+        }
+    }
+    // Iterated local search: kick the incumbent, descend again, keep improvements.
+    let mut rng = search::Rng::new(ISLANDS + 1);
+    for _ in 0..KICKS {
+        let (incumbent, incumbent_eval, _) = best.as_ref().expect("at least one island");
+        let incumbent_eval = *incumbent_eval;
+        let mut network = incumbent.clone();
+        search::kick(&ctx, &mut network, &mut rng);
+        let mut eval = ctx.evaluate(&network);
+        polish::descend_light(&ctx, &mut network, &mut eval);
+        if eval.better_than(&incumbent_eval) {
+            let checked = polish::polish(&ctx, &mut network, &mut eval);
             best = Some((network, eval, checked));
         }
     }

@@ -28,9 +28,21 @@ const NEIGHBOURHOODS: [Generator; 5] = [single, pushed, step_refit, depth_refit2
 
 /// Descends from `net` to a local optimum; returns how many neighbours the final scan checked.
 pub(crate) fn polish(ctx: &Ctx, net: &mut Network, eval: &mut Eval) -> u64 {
+    descend(ctx, net, eval, &NEIGHBOURHOODS)
+}
+
+/// A cheaper descent for iterated local search: the first `LIGHT` neighbourhoods only.
+pub(crate) fn descend_light(ctx: &Ctx, net: &mut Network, eval: &mut Eval) {
+    descend(ctx, net, eval, &NEIGHBOURHOODS[..LIGHT]);
+}
+
+/// Neighbourhoods of the light descent.
+const LIGHT: usize = 3;
+
+fn descend(ctx: &Ctx, net: &mut Network, eval: &mut Eval, neighbourhoods: &[Generator]) -> u64 {
     'descent: loop {
         let mut checked = 0u64;
-        for generate in NEIGHBOURHOODS {
+        for generate in neighbourhoods {
             let mut best: Option<(Network, Eval)> = None;
             generate(ctx, net, &mut |candidate| {
                 checked += 1;

@@ -1,10 +1,6 @@
-//! The search: seeded iterated local search, then an exhaustive local-optimality polish.
-//!
-//! 1. Start from the smallest design of the space and fill every width to the budget.
-//! 2. Simulated annealing (several deterministic restarts): mutate one or two variables,
-//!    re-fit a few widths to the budget, accept by the Metropolis rule; keep the best seen.
-//! 3. Polish (`polish.rs`): variable-neighbourhood descent until no neighbour improves, so the
-//!    answer is a certified local optimum of those neighbourhoods.
+//! The search moves: the population search of each island, the structural kick of iterated
+//! local search, and the width fill and repair both use. `mod.rs` strings them together with
+//! the polish (`polish.rs`); `design/README.md` describes the whole method.
 //!
 //! All randomness comes from a fixed-seed generator, so the same problem gives the same design.
 
@@ -131,6 +127,24 @@ fn randomize_structure(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
             ctx.set(net, var, level);
         }
     }
+}
+
+/// A structural jump for iterated local search: two or three depths or kernels move to random
+/// levels at once, then every width is shrunk to fit and refilled to the budget.
+pub(crate) fn kick(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
+    let structural: Vec<Var> = ctx.vars().into_iter().filter(|v| !v.is_width()).collect();
+    if structural.is_empty() {
+        return;
+    }
+    for _ in 0..2 + rng.below(2) {
+        let var = rng.pick(&structural);
+        let (low, high) = ctx.range(net, var);
+        let level = rng.between(low, high);
+        ctx.set(net, var, level);
+    }
+    let widths = ctx.width_vars();
+    repair(ctx, net, &widths, rng);
+    fill(ctx, net);
 }
 
 /// Mutates one or two variables, then repairs the budget and re-fits one to three widths.
