@@ -34,7 +34,7 @@ pub async fn open(
     settings: &Validated,
     shutdown: CancellationToken,
 ) -> Result<Arc<Coordinator>, Error> {
-    let store = Store::connect(&settings.database_url).await?;
+    let store = Store::connect_with(&settings.database_url, &settings.pool).await?;
     info!(
         backend = store.backend(),
         "store connected, migrations applied"

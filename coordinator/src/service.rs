@@ -1,6 +1,7 @@
 //! The coordinator's use cases, independent of gRPC: [`Coordinator`] turns requests into
 //! store transactions and solver runs. The gRPC handlers (`grpc/`) only convert and call it.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,11 +37,16 @@ pub struct WorkConfig {
 }
 
 /// Time as the coordinator sees it: the wall clock at start-up plus tokio's monotonic time
-/// since, so that tests can pause and advance time and leases expire exactly then.
+/// since, plus whatever tests [`Clock::advance`]d it by. Leases, expiries and backoffs are
+/// all computed from it, so a test can jump past a lease's expiry without sleeping.
+/// (tokio's paused time cannot do that here: sqlx's pool timeouts run on tokio time, and
+/// auto-advance fires them while SQLite works on its own thread.)
 #[derive(Clone, Debug)]
 pub struct Clock {
     started_wall: DateTime<Utc>,
     started: tokio::time::Instant,
+    /// Milliseconds added by [`Clock::advance`], shared by every clone.
+    skew_ms: Arc<AtomicI64>,
 }
 
 impl Clock {
@@ -49,13 +55,22 @@ impl Clock {
         Clock {
             started_wall: Utc::now(),
             started: tokio::time::Instant::now(),
+            skew_ms: Arc::new(AtomicI64::new(0)),
         }
     }
 
     /// Returns the current time.
     pub fn now(&self) -> DateTime<Utc> {
         let elapsed = tokio::time::Instant::now() - self.started;
-        self.started_wall + chrono::Duration::from_std(elapsed).expect("uptime fits in chrono")
+        self.started_wall
+            + chrono::Duration::from_std(elapsed).expect("uptime fits in chrono")
+            + chrono::Duration::milliseconds(self.skew_ms.load(Ordering::SeqCst))
+    }
+
+    /// Moves this clock and all its clones forward by `by` (tests).
+    pub fn advance(&self, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).expect("an advance fits in i64 milliseconds");
+        self.skew_ms.fetch_add(ms, Ordering::SeqCst);
     }
 }
 
@@ -138,6 +153,12 @@ impl Coordinator {
 
     pub async fn get_sweep(&self, id: SweepId) -> Result<SweepSummary, Error> {
         Ok(self.store.get_sweep(id).await?)
+    }
+
+    /// Returns the newest sweep, not cancelled, created from a spec equal to `spec`.
+    pub async fn find_sweep(&self, spec: &SweepSpec) -> Result<Option<SweepId>, Error> {
+        let spec_json = serde_json::to_string(spec).expect("specs serialize");
+        Ok(self.store.find_sweep(&spec_json).await?)
     }
 
     pub async fn list_sweeps(&self, limit: u32) -> Result<Vec<SweepSummary>, Error> {

@@ -28,7 +28,7 @@ use config::{Config, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Tokens;
-use crate::store::RetryPolicy;
+use crate::store::{PoolSettings, RetryPolicy};
 
 /// The prefix of the coordinator's environment variables; `__` separates the key's parts.
 pub const ENV_PREFIX: &str = "DEEPMAD__";
@@ -62,6 +62,11 @@ pub struct Settings {
 pub struct DatabaseSettings {
     /// `postgres://...` or `sqlite://PATH`.
     pub url: String,
+    /// Most connections the pool opens.
+    pub max_connections: u32,
+    /// How long a request waits for a connection before it is answered `Unavailable` (during a
+    /// database outage, every request waits this long).
+    pub acquire_timeout_ms: u64,
 }
 
 /// Bearer tokens; both lists empty turns auth off.
@@ -147,6 +152,8 @@ impl Default for DatabaseSettings {
     fn default() -> DatabaseSettings {
         DatabaseSettings {
             url: "sqlite://deepmad.db".to_string(),
+            max_connections: 16,
+            acquire_timeout_ms: 5_000,
         }
     }
 }
@@ -243,6 +250,7 @@ pub struct Limits {
 pub struct Validated {
     pub listen: SocketAddr,
     pub database_url: String,
+    pub pool: PoolSettings,
     /// Empty: auth is off (and `listen` is a loopback address).
     pub tokens: Tokens,
     pub tls: Option<TlsIdentity>,
@@ -386,6 +394,7 @@ impl Settings {
         Ok(Validated {
             listen,
             database_url: self.database.validate()?,
+            pool: self.database.validate_pool()?,
             tokens,
             tls: self.tls.validate()?,
             lease: self.lease.validate()?,
@@ -417,6 +426,27 @@ impl DatabaseSettings {
             ));
         }
         Ok(url.to_string())
+    }
+
+    fn validate_pool(&self) -> Result<PoolSettings, SettingsError> {
+        let max_connections = check_range(
+            "database.max_connections",
+            u64::from(self.max_connections),
+            1,
+            1_000,
+        )?;
+        let acquire_timeout_ms = check_range(
+            "database.acquire_timeout_ms",
+            self.acquire_timeout_ms,
+            100,
+            600_000,
+        )?;
+        Ok(PoolSettings {
+            max_connections: u32::try_from(max_connections).expect("bounded above"),
+            acquire_timeout: std::time::Duration::from_millis(
+                u64::try_from(acquire_timeout_ms).expect("bounded below by 100"),
+            ),
+        })
     }
 }
 

@@ -304,6 +304,20 @@ async fn bad_requests_are_refused_and_store_nothing() {
     assert!(listed.sweeps.is_empty(), "no partial sweep left behind");
 }
 
+/// Registers a fresh worker incarnation and returns its id.
+async fn register(work: &mut WorkServiceClient<Channel>) -> String {
+    let worker_id = uuid::Uuid::new_v4().to_string();
+    work.register(v1::RegisterRequest {
+        protocol_version: 1,
+        worker_id: worker_id.clone(),
+        name: "w".into(),
+        devices: vec![],
+    })
+    .await
+    .unwrap();
+    worker_id
+}
+
 fn with_token<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
     request
@@ -370,15 +384,7 @@ async fn cancelling_a_sweep_stops_its_workers_at_the_next_heartbeat() {
         .await
         .unwrap()
         .into_inner();
-    let worker_id = uuid::Uuid::new_v4().to_string();
-    work.register(v1::RegisterRequest {
-        protocol_version: 1,
-        worker_id: worker_id.clone(),
-        name: "w".into(),
-        devices: vec![],
-    })
-    .await
-    .unwrap();
+    let worker_id = register(&mut work).await;
     let assignment = work
         .lease(v1::LeaseRequest { worker_id })
         .await
@@ -500,4 +506,188 @@ async fn expired_leases_are_reaped_and_fenced() {
     let history = coordinator.trial_history(lease.trial).await.unwrap();
     assert_eq!(history.late_results.len(), 1);
     assert!(history.result.is_some());
+}
+
+/// The lease lifecycle over the API with the coordinator's clock moved by hand: a heartbeat
+/// extends the lease, expiry and reaping fence the attempt out, the requeue waits out its
+/// backoff, the late result is kept apart, completion is idempotent; deterministic failures
+/// use up the retry limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_lifecycle_follows_the_coordinators_clock() {
+    use v1::complete_response::Outcome;
+    use v1::heartbeat_response::Directive;
+    let env = [
+        ("DEEPMAD__LEASE__LEASE_MS", "2000"),
+        ("DEEPMAD__LEASE__HEARTBEAT_INTERVAL_MS", "500"),
+        ("DEEPMAD__LEASE__REAPER_INTERVAL_MS", "1000"),
+        ("DEEPMAD__RETRY__BACKOFF_BASE_MS", "60000"),
+        ("DEEPMAD__RETRY__BACKOFF_MAX_MS", "60000"),
+    ];
+    let running = start(
+        env.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+    .await;
+    let clock = running.coordinator.clock.clone();
+    let second = Duration::from_secs(1);
+    let channel = channel(running.address).await;
+    let mut sweeps = SweepServiceClient::new(channel.clone());
+    let mut work = WorkServiceClient::new(channel.clone());
+    let mut results = ResultServiceClient::new(channel);
+    let created = sweeps
+        .create_sweep(v1::CreateSweepRequest {
+            spec: Some(v1::SweepSpec {
+                max_attempts: 2,
+                ..spec(vec![0.5])
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.new_trials, 1);
+    let worker_id = register(&mut work).await;
+    let lease = |work: &mut WorkServiceClient<Channel>| {
+        let request = v1::LeaseRequest {
+            worker_id: worker_id.clone(),
+        };
+        let mut work = work.clone();
+        async move { work.lease(request).await.unwrap().into_inner() }
+    };
+    let heartbeat = |assignment: &v1::Assignment| v1::HeartbeatRequest {
+        attempt_id: assignment.attempt_id.clone(),
+        lease_token: assignment.lease_token.clone(),
+        progress: None,
+        epochs: vec![],
+    };
+    let first = lease(&mut work).await.assignment.expect("one trial queued");
+
+    // Heartbeats at 1.5 s and 3 s keep a 2 s lease alive past its first expiry.
+    for _ in 0..2 {
+        clock.advance(second * 3 / 2);
+        assert_eq!(running.coordinator.reap().await.unwrap(), 0);
+        let directive = work
+            .heartbeat(heartbeat(&first))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(directive.directive, Directive::Continue as i32);
+    }
+    // Silence past the lease: reaped once, and the holder is told it lost the lease.
+    clock.advance(second * 5 / 2);
+    let reaped = running.coordinator.reap().await.unwrap();
+    // The background reaper may have run after the advance; either way, exactly once.
+    let history_attempts = |results: &mut ResultServiceClient<Channel>| {
+        let mut results = results.clone();
+        let trial_id = first.trial_id.clone();
+        async move {
+            results
+                .trial_history(v1::TrialHistoryRequest { trial_id })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    assert!(reaped <= 1);
+    assert_eq!(history_attempts(&mut results).await.attempts.len(), 1);
+    let directive = work
+        .heartbeat(heartbeat(&first))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(directive.directive, Directive::StopLeaseLost as i32);
+    // The requeue waits out its backoff.
+    let empty = lease(&mut work).await;
+    assert!(empty.assignment.is_none(), "leased during the backoff");
+    assert!(empty.retry_after_ms > 0);
+    clock.advance(second * 61);
+    let second_attempt = lease(&mut work).await.assignment.expect("requeued");
+    assert_eq!(second_attempt.trial_id, first.trial_id);
+    assert_ne!(second_attempt.lease_token, first.lease_token);
+
+    // The fenced-out attempt's result is kept as late; the holder's is recorded, once.
+    let complete = |assignment: &v1::Assignment, top1: f64| v1::CompleteRequest {
+        attempt_id: assignment.attempt_id.clone(),
+        lease_token: assignment.lease_token.clone(),
+        metrics: Some(metrics(top1)),
+    };
+    let outcome = |response: v1::CompleteResponse| response.outcome;
+    let late = work.complete(complete(&first, 0.1)).await.unwrap();
+    assert_eq!(outcome(late.into_inner()), Outcome::Late as i32);
+    let recorded = work.complete(complete(&second_attempt, 0.8)).await.unwrap();
+    assert_eq!(outcome(recorded.into_inner()), Outcome::Recorded as i32);
+    let again = work.complete(complete(&second_attempt, 0.8)).await.unwrap();
+    assert_eq!(outcome(again.into_inner()), Outcome::Duplicate as i32);
+    let board = results
+        .leaderboard(v1::LeaderboardRequest {
+            sweep_id: Some(created.sweep_id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(board.rows.len(), 1);
+    assert_eq!(board.rows[0].seeds, 1);
+    assert!(
+        (board.rows[0].top1_mean - 0.8).abs() < 1e-12,
+        "the late 0.1 is not counted"
+    );
+    let history = history_attempts(&mut results).await;
+    assert_eq!(history.attempts.len(), 2);
+    assert_eq!(history.late_results.len(), 1);
+    assert_eq!(history.result.unwrap().top1, 0.8);
+
+    // Deterministic failures count: with max_attempts 2 the second one makes the trial
+    // `failed` (a lost worker, as above, would not have counted), and retry requeues it.
+    let other = sweeps
+        .create_sweep(v1::CreateSweepRequest {
+            spec: Some(v1::SweepSpec {
+                max_attempts: 2,
+                seeds: vec![1],
+                ..spec(vec![0.5])
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for attempt in 0..2 {
+        let assignment = lease(&mut work).await.assignment.expect("queued");
+        let failed = work
+            .fail(v1::FailRequest {
+                attempt_id: assignment.attempt_id,
+                lease_token: assignment.lease_token,
+                failure_class: v1::FailureClass::Deterministic as i32,
+                message: "bad data".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let expected = if attempt == 0 {
+            v1::fail_response::Outcome::Requeued
+        } else {
+            v1::fail_response::Outcome::Stopped
+        };
+        assert_eq!(failed.outcome, expected as i32, "attempt {attempt}");
+        clock.advance(second * 61);
+    }
+    let counts = sweeps
+        .get_sweep(v1::GetSweepRequest {
+            sweep_id: other.sweep_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counts
+        .unwrap();
+    assert_eq!((counts.failed, counts.dead), (1, 0), "{counts:?}");
+    let requeued = sweeps
+        .retry_trials(v1::RetryTrialsRequest {
+            sweep_id: other.sweep_id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .requeued;
+    assert_eq!(requeued, 1);
+    assert!(lease(&mut work).await.assignment.is_some());
 }

@@ -404,6 +404,39 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The clients' own connector (`deepmad worker --ca-cert`, `deepmad ... --ca-cert`) reaches a
+/// TLS coordinator by IP, verifying the certificate against the given CA.
+#[tokio::test]
+async fn the_deepmad_client_connector_speaks_tls_with_a_ca_file() {
+    let mut raw = Settings::default();
+    raw.tls.cert_path = Some(fixture("server.pem"));
+    raw.tls.key_path = Some(fixture("server.key"));
+    let settings = raw.validate().unwrap();
+    let running = start(router_with_stubs(&settings, Arc::default()).await).await;
+    let url = format!("https://{}", running.address);
+    let ca = fixture("ca.pem");
+    let channel = deepmad_proto::client::endpoint(&url, Some(&ca))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
+    // Trusting the wrong CA (the server's own certificate is not a CA) fails the handshake.
+    let wrong = deepmad_proto::client::endpoint(&url, Some(&fixture("server.pem"))).unwrap();
+    let refused = match wrong.connect().await {
+        Err(_) => true,
+        Ok(channel) => HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a certificate from an untrusted CA was accepted");
+}
+
 #[tokio::test]
 async fn tls_serves_clients_that_trust_the_ca() {
     let mut raw = Settings::default();

@@ -62,6 +62,7 @@ conformance!(
     deterministic_failures_count_and_others_do_not,
     retry_trials_requeues_failed_and_dead_trials,
     cancelling_a_sweep_stops_its_attempts,
+    a_sweep_is_found_by_its_spec_unless_cancelled,
     grace_extends_running_leases,
     two_reapers_requeue_each_trial_once,
     leaderboard_aggregates_over_seeds_and_filters,
@@ -813,6 +814,30 @@ async fn retry_trials_requeues_failed_and_dead_trials(store: &Store) {
     );
     assert_eq!(store.retry_trials(new.id, at(60.0)).await.unwrap(), 1);
     assert_eq!(store.retry_trials(new.id, at(60.0)).await.unwrap(), 0);
+}
+
+async fn a_sweep_is_found_by_its_spec_unless_cancelled(store: &Store) {
+    let a = design("a", "basic", 1_000);
+    let first = sweep(&[(0.3, Some(&a))], &[1]);
+    store.create_sweep(&first, at(0.0)).await.unwrap();
+    // Spacing does not matter: the JSON values are compared.
+    let same = r#"{ "rho": [0.3, 0.5] }"#;
+    assert_eq!(store.find_sweep(same).await.unwrap(), Some(first.id));
+    assert_eq!(store.find_sweep(r#"{"rho":[0.3]}"#).await.unwrap(), None);
+    let second = NewSweep {
+        id: SweepId::new(),
+        ..sweep(&[(0.3, Some(&a))], &[1])
+    };
+    store.create_sweep(&second, at(1.0)).await.unwrap();
+    assert_eq!(
+        store.find_sweep(same).await.unwrap(),
+        Some(second.id),
+        "newest first"
+    );
+    store.cancel_sweep(second.id, at(2.0)).await.unwrap();
+    assert_eq!(store.find_sweep(same).await.unwrap(), Some(first.id));
+    store.cancel_sweep(first.id, at(3.0)).await.unwrap();
+    assert_eq!(store.find_sweep(same).await.unwrap(), None);
 }
 
 async fn cancelling_a_sweep_stops_its_attempts(store: &Store) {

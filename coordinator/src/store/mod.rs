@@ -109,6 +109,15 @@ impl Store {
     }
 
     /// Returns the newest `limit` sweeps (0 means 100), newest first.
+    /// Returns the newest sweep, not cancelled, created from exactly this spec (its JSON as
+    /// [`NewSweep::spec_json`] holds it): an embedded run that is started again resumes it.
+    pub async fn find_sweep(&self, spec_json: &str) -> Result<Option<SweepId>, StoreError> {
+        match self {
+            Store::Postgres(store) => store.find_sweep(spec_json).await,
+            Store::Sqlite(store) => store.find_sweep(spec_json).await,
+        }
+    }
+
     pub async fn list_sweeps(&self, limit: u32) -> Result<Vec<SweepSummary>, StoreError> {
         match self {
             Store::Postgres(store) => store.list_sweeps(limit).await,

@@ -54,6 +54,17 @@ impl PgStore {
         self.summary(sweep_row(&row)?).await
     }
 
+    pub(crate) async fn find_sweep(&self, spec_json: &str) -> Result<Option<SweepId>, StoreError> {
+        let id: Option<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT id FROM sweeps WHERE spec_json = $1::jsonb AND state <> 'cancelled' \
+             ORDER BY created_at DESC, id DESC LIMIT 1",
+        )
+        .bind(spec_json)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id.map(SweepId))
+    }
+
     pub(crate) async fn list_sweeps(&self, limit: u32) -> Result<Vec<SweepSummary>, StoreError> {
         let limit = if limit == 0 { 100 } else { i64::from(limit) };
         let rows = sqlx::query(

@@ -58,6 +58,22 @@ impl SqliteStore {
         self.summary(sweep_row(&row)?).await
     }
 
+    pub(crate) async fn find_sweep(&self, spec_json: &str) -> Result<Option<SweepId>, StoreError> {
+        let id: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM sweeps WHERE json(spec_json) = json(?1) AND state <> 'cancelled' \
+             ORDER BY created_at DESC, id DESC LIMIT 1",
+        )
+        .bind(spec_json)
+        .fetch_optional(&self.reader)
+        .await?;
+        id.map(|text| {
+            uuid::Uuid::parse_str(&text)
+                .map(SweepId)
+                .map_err(|_| StoreError::corrupt("uuid", &text))
+        })
+        .transpose()
+    }
+
     pub(crate) async fn list_sweeps(&self, limit: u32) -> Result<Vec<SweepSummary>, StoreError> {
         let limit = if limit == 0 { 100 } else { i64::from(limit) };
         let rows = sqlx::query(&format!(
