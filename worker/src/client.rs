@@ -16,14 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deepmad_design::Network;
+use deepmad_proto::client::{endpoint, Bearer};
 use deepmad_proto::v1;
 use deepmad_proto::v1::work_service_client::WorkServiceClient;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::control::{CancellationFlag, Control, StepProgress, StopReason, TrainHooks};
@@ -43,6 +42,8 @@ pub struct ClientConfig {
     /// `http://host:port` (or `https://`).
     pub coordinator: String,
     pub token: Option<String>,
+    /// PEM file of the CA of an `https://` coordinator (default: the system's roots).
+    pub ca_cert: Option<PathBuf>,
     pub device: DeviceSpec,
     pub name: String,
     /// Checkpoints (`checkpoints/<trial>.safetensors`) and undelivered reports (`pending/`).
@@ -52,6 +53,32 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Stop after this many trials (embedded runs and tests); `None` runs until shutdown.
     pub max_trials: Option<u32>,
+    /// Where the loop publishes what it is doing, for progress displays (`deepmad run`).
+    pub status: Option<Arc<Mutex<WorkerStatus>>>,
+}
+
+/// What a worker is doing now, as a progress display shows it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkerStatus {
+    /// The trial being trained, if any.
+    pub trial: Option<String>,
+    /// Fraction of the trial's training done, in [0, 1].
+    pub fraction: f64,
+    /// Zero-based epoch in training, and the trial's epochs.
+    pub epoch: u32,
+    pub epochs: u32,
+    /// Loss of the last batch.
+    pub loss: f64,
+    pub images_per_second: f64,
+    /// Trials finished by this worker (completed, failed or stopped).
+    pub finished: u32,
+}
+
+/// Updates the published status, if any.
+fn publish(status: &Option<Arc<Mutex<WorkerStatus>>>, update: impl FnOnce(&mut WorkerStatus)) {
+    if let Some(status) = status {
+        update(&mut status.lock().expect("no panics while holding the lock"));
+    }
 }
 
 /// What a worker did before it stopped.
@@ -60,20 +87,6 @@ pub struct ClientSummary {
     pub trials_completed: u32,
     pub trials_failed: u32,
     pub trials_stopped: u32,
-}
-
-#[derive(Clone, Debug)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
 }
 
 type Client = WorkServiceClient<InterceptedService<Channel, Bearer>>;
@@ -141,11 +154,22 @@ pub async fn run(
             device: device.clone(),
             heartbeat_every,
         };
+        publish(&config.status, |status| {
+            *status = WorkerStatus {
+                trial: Some(assignment.trial_id.clone()),
+                finished: status.finished,
+                ..WorkerStatus::default()
+            }
+        });
         match trial.run(assignment, &mut datasets, &shutdown).await {
             Finished::Completed => summary.trials_completed += 1,
             Finished::Failed => summary.trials_failed += 1,
             Finished::Stopped => summary.trials_stopped += 1,
         }
+        publish(&config.status, |status| {
+            status.trial = None;
+            status.finished += 1;
+        });
     }
     info!(?summary, "worker stopping");
     Ok(summary)
@@ -163,17 +187,9 @@ async fn connect(
     config: &ClientConfig,
     shutdown: &CancellationToken,
 ) -> Result<Client, WorkerError> {
-    let endpoint = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|_| coordinator_error(format!("{:?} is not a URL", config.coordinator)))?
-        .connect_timeout(Duration::from_secs(5));
-    let bearer = match &config.token {
-        None => Bearer(None),
-        Some(token) => {
-            Bearer(Some(format!("Bearer {token}").parse().map_err(|_| {
-                coordinator_error("the token must be printable ASCII")
-            })?))
-        }
-    };
+    let endpoint =
+        endpoint(&config.coordinator, config.ca_cert.as_deref()).map_err(coordinator_error)?;
+    let bearer = Bearer::new(config.token.as_deref()).map_err(coordinator_error)?;
     let mut backoff = config.backoff_min;
     loop {
         match endpoint.connect().await {
@@ -252,11 +268,24 @@ struct Shared {
     epochs: Vec<v1::EpochMetrics>,
 }
 
-struct SharedHooks(Arc<Mutex<Shared>>);
+struct SharedHooks {
+    shared: Arc<Mutex<Shared>>,
+    status: Option<Arc<Mutex<WorkerStatus>>>,
+}
 
 impl TrainHooks for SharedHooks {
     fn on_step(&mut self, progress: &StepProgress) -> Control {
-        let mut shared = self.0.lock().expect("no panics while holding the lock");
+        publish(&self.status, |status| {
+            status.fraction = progress.fraction_done();
+            status.epoch = progress.position.epoch;
+            status.epochs = progress.epochs;
+            status.loss = progress.loss;
+            status.images_per_second = progress.images_per_second;
+        });
+        let mut shared = self
+            .shared
+            .lock()
+            .expect("no panics while holding the lock");
         shared.progress = Some(v1::Progress {
             epoch: progress.position.epoch,
             step: progress.position.global_step,
@@ -268,7 +297,10 @@ impl TrainHooks for SharedHooks {
     }
 
     fn on_epoch(&mut self, metrics: &EpochMetrics) -> Control {
-        let mut shared = self.0.lock().expect("no panics while holding the lock");
+        let mut shared = self
+            .shared
+            .lock()
+            .expect("no panics while holding the lock");
         shared.epochs.push(epoch_to_proto(metrics));
         Control::Continue
     }
@@ -347,11 +379,14 @@ impl TrialRun<'_> {
             checkpoint: Some(checkpoint.clone()),
             ..TrainerOptions::new(self.device.clone())
         };
-        let hooks_shared = shared.clone();
+        let mut hooks = SharedHooks {
+            shared: shared.clone(),
+            status: self.config.status.clone(),
+        };
         let train_flag = flag.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let mut trainer = Trainer::new(trainer_spec, dataset, options)?;
-            trainer.run(&mut SharedHooks(hooks_shared), &train_flag)
+            trainer.run(&mut hooks, &train_flag)
         })
         .await
         .unwrap_or_else(|error| {

@@ -34,6 +34,7 @@ pub mod optim;
 pub mod recipe;
 pub mod rng;
 pub mod schedule;
+pub mod settings;
 pub mod train;
 
 pub use control::{CancellationFlag, Control, NoHooks, StepProgress, StopReason, TrainHooks};

@@ -18,37 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Writes a tiny MNIST-style dataset: 8x8 images whose class is the bright row.
 fn write_dataset(folder: &Path) {
-    let (count, side) = (128u32, 8u32);
-    let mut images = Vec::new();
-    let mut labels = Vec::new();
-    for index in 0..count {
-        let class = (index % 4) as u8;
-        labels.push(class);
-        for row in 0..side {
-            for _ in 0..side {
-                images.push(if row as u8 == class * 2 {
-                    250
-                } else {
-                    (index * 7 % 40) as u8
-                });
-            }
-        }
-    }
-    std::fs::create_dir_all(folder).unwrap();
-    for prefix in ["train", "t10k"] {
-        let image_file = idx::encode(&[count, side, side], &images);
-        let label_file = idx::encode(&[count], &labels);
-        std::fs::write(
-            folder.join(format!("{prefix}-images-idx3-ubyte")),
-            image_file,
-        )
-        .unwrap();
-        std::fs::write(
-            folder.join(format!("{prefix}-labels-idx1-ubyte")),
-            label_file,
-        )
-        .unwrap();
-    }
+    idx::write_synthetic(folder, 128, 128).unwrap();
 }
 
 struct Setup {
@@ -64,9 +34,8 @@ impl Drop for Setup {
     }
 }
 
-async fn setup(epochs: u32, seeds: &str) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    write_dataset(&dir.path().join("data"));
+/// Serves a coordinator on the SQLite file in `dir` (made on first use) at 127.0.0.1:0.
+async fn serve(dir: &Path) -> (String, Arc<Coordinator>, CancellationToken) {
     let env = [
         ("DEEPMAD__LEASE__LEASE_MS", "2000"),
         ("DEEPMAD__LEASE__HEARTBEAT_INTERVAL_MS", "100"),
@@ -76,10 +45,7 @@ async fn setup(epochs: u32, seeds: &str) -> Setup {
     ];
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".into()),
-        database_url: Some(format!(
-            "sqlite://{}",
-            dir.path().join("deepmad.db").display()
-        )),
+        database_url: Some(format!("sqlite://{}", dir.join("deepmad.db").display())),
     };
     let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
     let settings = settings::load(None, env, &overrides).unwrap();
@@ -94,6 +60,13 @@ async fn setup(epochs: u32, seeds: &str) -> Setup {
             .await
             .unwrap()
     });
+    (address, coordinator, shutdown)
+}
+
+async fn setup(epochs: u32, seeds: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(&dir.path().join("data"));
+    let (address, coordinator, shutdown) = serve(dir.path()).await;
     let spec = format!(
         "name = \"client test\"\ndataset = \"idx:{}\"\nseeds = {seeds}\n\
          [grid]\nblock = [\"basic\"]\nrho = [0.5]\nbudget = [{{ params = \"10K\" }}]\nresolution = 8\nnum_classes = 4\nin_channels = 1\n\
@@ -116,12 +89,14 @@ fn config(setup: &Setup, max_trials: Option<u32>) -> ClientConfig {
     ClientConfig {
         coordinator: setup.address.clone(),
         token: None,
+        ca_cert: None,
         device: DeviceSpec::Cpu,
         name: "test worker".into(),
         work_dir: setup.dir.path().join("work"),
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
         max_trials,
+        status: None,
     }
 }
 
@@ -193,4 +168,73 @@ async fn shutdown_hands_the_trial_back_for_another_worker() {
         (1, 0),
         "the trial is queued again: {counts:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_finished_while_the_coordinator_is_down_is_kept_and_delivered_later() {
+    let setup = setup(6, "[0]").await;
+    let worker_shutdown = CancellationToken::new();
+    let mut worker_config = config(&setup, Some(1));
+    worker_config.backoff_max = Duration::from_millis(50);
+    let worker = tokio::spawn(client::run(worker_config, worker_shutdown.clone()));
+    wait_until_running(&setup.coordinator).await;
+    // The coordinator goes away mid-trial; the worker trains on and cannot report.
+    setup.shutdown.cancel();
+    let pending = setup.dir.path().join("work").join("pending");
+    // Give training time to finish and the report to fail at least once, then stop the worker:
+    // the result must land on disk, not be dropped.
+    let mut finished = false;
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if worker.is_finished() {
+            break;
+        }
+        if checkpoint_epochs(&setup) >= 6 {
+            finished = true;
+            break;
+        }
+    }
+    assert!(finished, "the trial did not finish training");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker_shutdown.cancel();
+    let summary = tokio::time::timeout(Duration::from_secs(20), worker)
+        .await
+        .expect("the worker exits")
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.trials_completed, 1, "{summary:?}");
+    let kept: Vec<_> = std::fs::read_dir(&pending).unwrap().flatten().collect();
+    assert_eq!(kept.len(), 1, "one pending report on disk");
+
+    // The coordinator comes back on the same database; a new worker start delivers the report
+    // before it leases anything.
+    let (address, coordinator, shutdown) = serve(setup.dir.path()).await;
+    let mut again = config(&setup, Some(0));
+    again.coordinator = address;
+    let summary = client::run(again, CancellationToken::new()).await.unwrap();
+    assert_eq!(summary, client::ClientSummary::default());
+    assert_eq!(std::fs::read_dir(&pending).unwrap().count(), 0);
+    let sweep = &coordinator.list_sweeps(1).await.unwrap()[0];
+    assert_eq!(sweep.counts.succeeded, 1, "{:?}", sweep.counts);
+    let board = coordinator
+        .leaderboard(&LeaderboardFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(board[0].seeds, 1);
+    shutdown.cancel();
+}
+
+/// Epochs the trial's checkpoint holds (0 before the first is written).
+fn checkpoint_epochs(setup: &Setup) -> u32 {
+    let folder = setup.dir.path().join("work/checkpoints");
+    let Some(file) = std::fs::read_dir(folder).ok().and_then(|entries| {
+        entries
+            .flatten()
+            .map(|entry| entry.path())
+            .find(|path| path.extension().is_some_and(|e| e == "safetensors"))
+    }) else {
+        return 0;
+    };
+    deepmad_worker::checkpoint::load(&file, &candle_core::Device::Cpu)
+        .map_or(0, |checkpoint| checkpoint.state.history.len() as u32)
 }
