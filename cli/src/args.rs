@@ -19,6 +19,9 @@ pub enum Command {
     Analyze(AnalyzeArgs),
     /// Solves DeepMAD's mathematical program for one budget and prints the design.
     Design(DesignArgs),
+    /// Runs a sweep start to finish in this process: an embedded coordinator (SQLite) and
+    /// local workers; prints the leaderboard. Run it again to resume.
+    Run(RunArgs),
     /// Runs the coordinator: sweeps, leases and results over gRPC.
     Coordinator(CoordinatorArgs),
     /// Runs a worker: leases trials from a coordinator and trains them on one device.
@@ -36,6 +39,11 @@ pub enum Command {
     Results(ResultsArgs),
     /// Shows a trial's history.
     Trial(TrialShowArgs),
+    /// Acts on a sweep's trials: `deepmad trials retry --sweep ID`.
+    Trials {
+        #[command(subcommand)]
+        command: TrialsCommand,
+    },
 }
 
 /// Where the coordinator is and how to authenticate.
@@ -51,6 +59,10 @@ pub struct RemoteArgs {
     /// Bearer token (a client token from the coordinator's configuration).
     #[arg(long, env = "DEEPMAD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM file of the CA that signed an https:// coordinator's certificate (default: the
+    /// system's trusted roots).
+    #[arg(long, env = "DEEPMAD_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,21 +82,67 @@ pub struct CoordinatorArgs {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct WorkerArgs {
-    #[command(flatten)]
-    pub remote: RemoteArgs,
-    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
+pub struct RunArgs {
+    /// The sweep file (TOML; see examples/sweep.toml).
+    pub spec: PathBuf,
+    /// Where results are kept: sqlite://FILE or postgres://... The same command with the same
+    /// database resumes the sweep.
+    #[arg(long, default_value = "sqlite://deepmad.db")]
+    pub database: String,
+    /// auto (every CUDA device of a CUDA build, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
-    /// A name for logs and the coordinator's worker list (default: the host and device).
+    /// Local workers [default: one per device].
     #[arg(long)]
-    pub name: Option<String>,
-    /// Where checkpoints and undelivered results are kept.
-    #[arg(long, default_value = ".deepmad-worker")]
+    pub workers: Option<u32>,
+    /// Checkpoints and undelivered results of the local workers.
+    #[arg(long, default_value = ".deepmad-run")]
     pub work_dir: PathBuf,
+    /// Threads of candle's CPU kernels (sets CANDLE_NUM_THREADS).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Leaderboard rows printed at the end.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// Leaderboard format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: TableFormat,
+}
+
+/// Worker settings: flags (or their environment variables) override the `--config` file.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// A TOML settings file (keys as the flags, with underscores; see worker/src/settings.rs).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The coordinator's URL [default: http://127.0.0.1:50051].
+    #[arg(long, env = "DEEPMAD_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Bearer token (a worker token from the coordinator's configuration).
+    #[arg(long, env = "DEEPMAD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM file of the CA that signed an https:// coordinator's certificate (default: the
+    /// system's trusted roots).
+    #[arg(long, env = "DEEPMAD_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature) [default: cpu].
+    #[arg(long, env = "DEEPMAD_DEVICE")]
+    pub device: Option<String>,
+    /// A name for logs and the coordinator's worker list (default: the host and device).
+    #[arg(long, env = "DEEPMAD_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Where checkpoints and undelivered results are kept [default: .deepmad-worker].
+    #[arg(long, env = "DEEPMAD_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
     /// Stops after this many trials.
     #[arg(long)]
     pub max_trials: Option<u32>,
+    /// Threads of candle's CPU kernels (sets CANDLE_NUM_THREADS).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Loads and validates the settings, prints them, and exits without connecting.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -132,8 +190,23 @@ pub enum SweepCommand {
     Cancel(SweepIdArgs),
     /// Shows live progress until the sweep finishes.
     Watch(SweepIdArgs),
-    /// Requeues a sweep's failed and dead trials.
+    /// Requeues a sweep's failed and dead trials (the same as `deepmad trials retry`).
     Retry(SweepIdArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrialsCommand {
+    /// Requeues a sweep's failed and dead trials.
+    Retry(TrialsRetryArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrialsRetryArgs {
+    /// The sweep whose failed and dead trials to requeue.
+    #[arg(long)]
+    pub sweep: String,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -191,8 +264,13 @@ pub struct LeaderboardArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ResultsArgs {
+    /// The sweep whose results to export.
     #[arg(long)]
     pub sweep: String,
+    /// Keeps rows where KEY OP VALUE holds (repeatable, all must hold), e.g. `top1>=0.9`,
+    /// `block=basic`, `params<2M`, `rho!=0.5`. Keys: the columns of the CSV.
+    #[arg(long)]
+    pub filter: Vec<String>,
     #[arg(long, value_enum, default_value = "csv")]
     pub format: TableFormat,
     #[command(flatten)]

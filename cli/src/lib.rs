@@ -5,6 +5,7 @@
 
 pub mod args;
 mod commands;
+mod filter;
 mod render;
 
 use std::io::Write;
@@ -56,6 +57,7 @@ pub async fn run(
     match args.command {
         Command::Analyze(analyze) => commands::analyze::run(&analyze, out),
         Command::Design(design) => commands::design::run(&design, out),
+        Command::Run(run) => commands::run::run(&run, out, shutdown).await,
         Command::Coordinator(coordinator) => {
             commands::coordinator::run(&coordinator, out, shutdown).await
         }
@@ -67,5 +69,8 @@ pub async fn run(
         }
         Command::Results(results) => commands::results::results(&results, out).await,
         Command::Trial(trial) => commands::results::trial(&trial, out).await,
+        Command::Trials {
+            command: args::TrialsCommand::Retry(retry),
+        } => commands::sweep::retry(&retry.sweep, &retry.remote, out).await,
     }
 }

@@ -8,10 +8,15 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let args = deepmad::args::Args::parse();
+    // `run` draws progress bars: the services' routine logs would tear them.
+    let default_filter = match args.command {
+        deepmad::args::Command::Run(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -343,7 +343,15 @@ pub fn trial(
         attempts.rows.push(vec![
             short(&attempt.attempt_id).to_string(),
             short(&attempt.worker_id).to_string(),
-            attempt.state.to_string(),
+            deepmad_proto::v1::AttemptState::try_from(attempt.state).map_or_else(
+                |_| attempt.state.to_string(),
+                |state| {
+                    state
+                        .as_str_name()
+                        .trim_start_matches("ATTEMPT_STATE_")
+                        .to_ascii_lowercase()
+                },
+            ),
             attempt.failure_message.clone().unwrap_or_default(),
         ]);
     }

@@ -5,6 +5,7 @@ pub mod coordinator;
 pub mod design;
 pub mod remote;
 pub mod results;
+pub mod run;
 pub mod sweep;
 pub mod train;
 pub mod worker;

@@ -1,30 +1,16 @@
-//! Connecting to a coordinator: `--coordinator URL` (or `DEEPMAD_COORDINATOR`) and a bearer
-//! token from `--token` (or `DEEPMAD_TOKEN`) on every call.
+//! Connecting to a coordinator: `--coordinator URL` (or `DEEPMAD_COORDINATOR`; `https://`
+//! verified against `--ca-cert` or the system's roots) and a bearer token from `--token` (or
+//! `DEEPMAD_TOKEN`) on every call.
 
+use deepmad_proto::client::{endpoint, Bearer};
 use deepmad_proto::v1::result_service_client::ResultServiceClient;
 use deepmad_proto::v1::sweep_service_client::SweepServiceClient;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
 
 use crate::args::RemoteArgs;
 use crate::Failure;
-
-/// Adds `authorization: Bearer <token>` to every request when a token is configured.
-#[derive(Clone, Debug)]
-pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
 
 pub type Authed = InterceptedService<Channel, Bearer>;
 
@@ -36,16 +22,11 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// Connects, or fails with a message naming the URL.
+    /// Connects, or fails with a message naming the URL (or the CA file, or the token).
     pub async fn connect(args: &RemoteArgs) -> Result<Remote, Failure> {
-        let endpoint = Endpoint::from_shared(args.coordinator.clone())
-            .map_err(|_| {
-                Failure::usage(format!(
-                    "--coordinator: {:?} is not a URL like http://127.0.0.1:50051",
-                    args.coordinator
-                ))
-            })?
-            .connect_timeout(std::time::Duration::from_secs(5));
+        let usage = |error: deepmad_proto::client::ClientError| Failure::usage(error.to_string());
+        let bearer = Bearer::new(args.token.as_deref()).map_err(usage)?;
+        let endpoint = endpoint(&args.coordinator, args.ca_cert.as_deref()).map_err(usage)?;
         let channel = endpoint.connect().await.map_err(|error| Failure {
             code: 1,
             message: format!(
@@ -53,14 +34,6 @@ impl Remote {
                 args.coordinator
             ),
         })?;
-        let bearer = match &args.token {
-            None => Bearer(None),
-            Some(token) => {
-                Bearer(Some(format!("Bearer {token}").parse().map_err(|_| {
-                    Failure::usage("--token: must be printable ASCII")
-                })?))
-            }
-        };
         Ok(Remote { channel, bearer })
     }
 

@@ -6,6 +6,7 @@ use deepmad_proto::v1;
 
 use super::remote::{status_failure, Remote};
 use crate::args::{LeaderboardArgs, ResultsArgs, TableFormat, TrialShowArgs};
+use crate::filter::Filter;
 use crate::{render, Failure};
 
 pub async fn leaderboard(args: &LeaderboardArgs, out: &mut impl Write) -> Result<(), Failure> {
@@ -98,6 +99,12 @@ fn csv_field(text: &str) -> String {
 }
 
 pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Failure> {
+    let filters = args
+        .filter
+        .iter()
+        .map(|text| Filter::parse(text))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Failure::usage)?;
     let remote = Remote::connect(&args.remote).await?;
     let request = v1::ExportResultsRequest {
         sweep_id: args.sweep.clone(),
@@ -110,7 +117,12 @@ pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Fai
         .into_inner();
     let mut rows = Vec::new();
     while let Some(chunk) = stream.message().await.map_err(status_failure)? {
-        rows.extend(chunk.rows);
+        rows.extend(
+            chunk
+                .rows
+                .into_iter()
+                .filter(|row| filters.iter().all(|filter| filter.accepts(row))),
+        );
     }
     match args.format {
         TableFormat::Json => {

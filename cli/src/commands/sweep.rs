@@ -7,7 +7,7 @@ use deepmad_coordinator::sweep::SweepSpec;
 use deepmad_proto::v1;
 
 use super::remote::{status_failure, Remote};
-use crate::args::{SweepCommand, SweepIdArgs};
+use crate::args::{RemoteArgs, SweepCommand, SweepIdArgs};
 use crate::{render, Failure};
 
 pub async fn run(command: &SweepCommand, out: &mut impl Write) -> Result<(), Failure> {
@@ -43,24 +43,27 @@ pub async fn run(command: &SweepCommand, out: &mut impl Write) -> Result<(), Fai
             Ok(())
         }
         SweepCommand::Watch(args) => watch(args, out).await,
-        SweepCommand::Retry(args) => {
-            let remote = Remote::connect(&args.remote).await?;
-            let request = v1::RetryTrialsRequest {
-                sweep_id: args.sweep.clone(),
-            };
-            let response = remote
-                .sweeps()
-                .retry_trials(request)
-                .await
-                .map_err(status_failure)?;
-            writeln!(
-                out,
-                "requeued {} failed or dead trials",
-                response.into_inner().requeued
-            )?;
-            Ok(())
-        }
+        SweepCommand::Retry(args) => retry(&args.sweep, &args.remote, out).await,
     }
+}
+
+/// Requeues a sweep's failed and dead trials (`sweep retry ID`, `trials retry --sweep ID`).
+pub async fn retry(sweep: &str, remote: &RemoteArgs, out: &mut impl Write) -> Result<(), Failure> {
+    let remote = Remote::connect(remote).await?;
+    let request = v1::RetryTrialsRequest {
+        sweep_id: sweep.to_string(),
+    };
+    let response = remote
+        .sweeps()
+        .retry_trials(request)
+        .await
+        .map_err(status_failure)?;
+    writeln!(
+        out,
+        "requeued {} failed or dead trials",
+        response.into_inner().requeued
+    )?;
+    Ok(())
 }
 
 async fn get(args: &SweepIdArgs) -> Result<v1::SweepSummary, Failure> {

@@ -1,10 +1,9 @@
 //! `deepmad worker`: leases trials from a coordinator and trains them until shut down.
 
 use std::io::Write;
-use std::time::Duration;
 
-use deepmad_worker::client::{self, ClientConfig};
-use deepmad_worker::DeviceSpec;
+use deepmad_worker::client;
+use deepmad_worker::settings::WorkerSettings;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::WorkerArgs;
@@ -15,26 +14,55 @@ pub async fn run(
     out: &mut impl Write,
     shutdown: CancellationToken,
 ) -> Result<(), Failure> {
-    let device: DeviceSpec =
-        args.device
-            .parse()
-            .map_err(|error: deepmad_worker::WorkerError| {
-                Failure::usage(format!("--device: {error}"))
-            })?;
-    let name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("{}/{device}", host_name()));
-    let config = ClientConfig {
-        coordinator: args.remote.coordinator.clone(),
-        token: args.remote.token.clone(),
-        device,
-        name,
+    let flags = WorkerSettings {
+        coordinator: args.coordinator.clone(),
+        token: args.token.clone(),
+        ca_cert: args.ca_cert.clone(),
+        device: args.device.clone(),
+        name: args.name.clone(),
         work_dir: args.work_dir.clone(),
-        backoff_min: Duration::from_millis(500),
-        backoff_max: Duration::from_secs(30),
         max_trials: args.max_trials,
+        threads: args.threads,
+        ..WorkerSettings::default()
     };
+    let file = match &args.config {
+        Some(path) => {
+            WorkerSettings::from_file(path).map_err(|error| Failure::usage(error.to_string()))?
+        }
+        None => WorkerSettings::default(),
+    };
+    let resolved = flags
+        .over(file)
+        .resolve(&host_name())
+        .map_err(|error| Failure::usage(error.to_string()))?;
+    let config = resolved.client;
+    if args.check_config {
+        writeln!(out, "settings ok")?;
+        writeln!(out, "coordinator {}", config.coordinator)?;
+        writeln!(
+            out,
+            "token {}",
+            if config.token.is_some() {
+                "set"
+            } else {
+                "none"
+            }
+        )?;
+        writeln!(out, "device {}", config.device)?;
+        writeln!(out, "name {}", config.name)?;
+        writeln!(out, "work_dir {}", config.work_dir.display())?;
+        writeln!(
+            out,
+            "backoff {}..{} ms",
+            config.backoff_min.as_millis(),
+            config.backoff_max.as_millis()
+        )?;
+        return Ok(());
+    }
+    if let Some(threads) = resolved.threads {
+        // Read by candle's CPU kernels when they first run, which is after this point.
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
     let summary = client::run(config, shutdown)
         .await
         .map_err(|error| Failure {
