@@ -1,7 +1,7 @@
 //! The coordinator's use cases, independent of gRPC: [`Coordinator`] turns requests into
 //! store transactions and solver runs. The gRPC handlers (`grpc/`) only convert and call it.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use crate::model::{AttemptId, FailureClass, LeaseToken, SweepId, TrialId, Worker
 use crate::store::{
     CompleteOutcome, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome, LeaderboardFilter,
     LeaderboardRow, Lease, NewGridPoint, NewWorker, Progress, ResultRecord, RetryPolicy, Store,
-    SweepCreated, SweepSummary, TrialHistory,
+    StoreError, SweepCreated, SweepSummary, TrialHistory,
 };
 use crate::sweep::{assemble, solve_all, SweepSpec};
 
@@ -89,6 +89,9 @@ pub struct Coordinator {
     pub clock: Clock,
     /// Cancelled when the process shuts down: long-lived streams end on it.
     pub shutdown: CancellationToken,
+    /// Set when a lease-protocol call found the store unavailable; cleared by the grace that
+    /// the first call after the outage grants (see [`Coordinator::after_outage`]).
+    store_was_down: AtomicBool,
 }
 
 impl Coordinator {
@@ -105,7 +108,39 @@ impl Coordinator {
             metrics,
             clock: Clock::new(),
             shutdown,
+            store_was_down: AtomicBool::new(false),
         }
+    }
+
+    /// Notes a store outage seen by a lease-protocol call, and passes the result on.
+    fn watch_store<T>(&self, result: Result<T, StoreError>) -> Result<T, Error> {
+        if let Err(StoreError::Unavailable(_)) = &result {
+            self.store_was_down.store(true, Ordering::SeqCst);
+        }
+        Ok(result?)
+    }
+
+    /// After a store outage, gives every running lease a grace period before anything else
+    /// reads or reaps leases: workers could not heartbeat while the database was down, and
+    /// their leases must not be charged for it (they would be fenced out and their finished
+    /// work recorded as late and trained again). Runs once per outage.
+    async fn after_outage(&self) -> Result<(), Error> {
+        if !self.store_was_down.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let extended = self.watch_store(
+            self.store
+                .grant_grace(self.config.grace_ms, self.clock.now())
+                .await,
+        )?;
+        if self.store_was_down.swap(false, Ordering::SeqCst) {
+            warn!(
+                extended,
+                grace_ms = self.config.grace_ms,
+                "store reachable again: running leases given a grace period"
+            );
+        }
+        Ok(())
     }
 
     /// Gives every running lease a grace period, so this coordinator's own downtime is not
@@ -193,10 +228,12 @@ impl Coordinator {
     }
 
     pub async fn lease(&self, worker: WorkerId) -> Result<Option<Lease>, Error> {
-        let lease = self
-            .store
-            .claim(worker, self.config.lease_ms, self.clock.now())
-            .await?;
+        self.after_outage().await?;
+        let lease = self.watch_store(
+            self.store
+                .claim(worker, self.config.lease_ms, self.clock.now())
+                .await,
+        )?;
         if let Some(lease) = &lease {
             self.metrics.lease_granted();
             info!(%worker, trial = %lease.trial, attempt = %lease.attempt, "trial leased");
@@ -212,17 +249,19 @@ impl Coordinator {
         epochs: &[EpochMetrics],
     ) -> Result<HeartbeatOutcome, Error> {
         self.metrics.heartbeat();
-        let outcome = self
-            .store
-            .heartbeat(
-                attempt,
-                token,
-                progress,
-                epochs,
-                self.config.lease_ms,
-                self.clock.now(),
-            )
-            .await?;
+        self.after_outage().await?;
+        let outcome = self.watch_store(
+            self.store
+                .heartbeat(
+                    attempt,
+                    token,
+                    progress,
+                    epochs,
+                    self.config.lease_ms,
+                    self.clock.now(),
+                )
+                .await,
+        )?;
         if !matches!(outcome, HeartbeatOutcome::Continue { .. }) {
             info!(%attempt, ?outcome, "heartbeat told the worker to stop");
         }
@@ -235,10 +274,12 @@ impl Coordinator {
         token: LeaseToken,
         metrics: &FinalMetrics,
     ) -> Result<CompleteOutcome, Error> {
-        let outcome = self
-            .store
-            .complete(attempt, token, metrics, self.clock.now())
-            .await?;
+        self.after_outage().await?;
+        let outcome = self.watch_store(
+            self.store
+                .complete(attempt, token, metrics, self.clock.now())
+                .await,
+        )?;
         self.metrics.completed(outcome);
         if outcome == CompleteOutcome::Recorded {
             self.metrics.trial_duration(metrics.train_seconds);
@@ -255,18 +296,20 @@ impl Coordinator {
         class: FailureClass,
         message: &str,
     ) -> Result<FailOutcome, Error> {
-        let outcome = self
-            .store
-            .fail(
-                attempt,
-                token,
-                class,
-                message,
-                None,
-                &self.config.retry,
-                self.clock.now(),
-            )
-            .await?;
+        self.after_outage().await?;
+        let outcome = self.watch_store(
+            self.store
+                .fail(
+                    attempt,
+                    token,
+                    class,
+                    message,
+                    None,
+                    &self.config.retry,
+                    self.clock.now(),
+                )
+                .await,
+        )?;
         self.metrics.retried(class);
         warn!(%attempt, %class, message, ?outcome, "attempt failed");
         self.refresh_queue_metrics().await;
@@ -290,10 +333,12 @@ impl Coordinator {
 
     /// Returns expired leases' trials to the queue once.
     pub async fn reap(&self) -> Result<u32, Error> {
-        let reaped = self
-            .store
-            .reap_expired(&self.config.retry, self.clock.now())
-            .await?;
+        self.after_outage().await?;
+        let reaped = self.watch_store(
+            self.store
+                .reap_expired(&self.config.retry, self.clock.now())
+                .await,
+        )?;
         if reaped > 0 {
             self.metrics.reaped(reaped);
             warn!(reaped, "expired leases returned to the queue");
