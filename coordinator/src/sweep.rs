@@ -200,7 +200,14 @@ impl SweepSpec {
         .unwrap_or(usize::MAX);
         if points > max_grid_points {
             return Err(Error::ResourceExhausted {
-                what: format!("the grid has {points} points; the limit is {max_grid_points}"),
+                what: format!(
+                    "grid: {} block x {} rho x {} alpha x {} budget = {points} points; the limit \
+                     is {max_grid_points} (limits.max_grid_points): split the sweep",
+                    grid.block.len(),
+                    grid.rho.len(),
+                    grid.alpha.len().max(1),
+                    grid.budget.len()
+                ),
             });
         }
         Ok(())
