@@ -343,9 +343,12 @@ async fn bulk_load(conn: &mut PgConnection, results: i64) -> anyhow::Result<Swee
     );
     timed(conn, "results", query.bind(worker.0)).await?;
     let query = sqlx::query(
-        "INSERT INTO design_scores SELECT t.design_id, t.dataset, t.recipe_hash, count(*), \
-             avg(r.top1), var_pop(r.top1) * count(*), avg(r.top5), now() \
-         FROM results r JOIN trials t ON t.id = r.trial_id WHERE t.recipe_hash = 'bulk-recipe' \
+        "INSERT INTO design_scores (design_id, dataset, recipe_hash, seeds, top1_mean, \
+             top1_m2, top5_mean, updated_at, family) \
+         SELECT t.design_id, t.dataset, t.recipe_hash, count(*), avg(r.top1), \
+             var_pop(r.top1) * count(*), avg(r.top5), now(), min(d.family) \
+         FROM results r JOIN trials t ON t.id = r.trial_id JOIN designs d ON d.id = t.design_id \
+         WHERE t.recipe_hash = 'bulk-recipe' \
          GROUP BY t.design_id, t.dataset, t.recipe_hash",
     );
     timed(conn, "scores", query).await?;

@@ -429,8 +429,9 @@ async fn record_result(
          attempt AS ( \
              UPDATE attempts SET state = 'succeeded', finished_at = $10 WHERE id = $2) \
          INSERT INTO design_scores AS s (design_id, dataset, recipe_hash, seeds, top1_mean, \
-             top1_m2, top5_mean, updated_at) \
-         VALUES ($11, $12, $13, 1, $3, 0, $4, $10) \
+             top1_m2, top5_mean, updated_at, family) \
+         VALUES ($11, $12, $13, 1, $3, 0, $4, $10, \
+             (SELECT d.family FROM designs d WHERE d.id = $11)) \
          ON CONFLICT ON CONSTRAINT design_scores_pkey DO UPDATE SET \
              seeds = s.seeds + 1, \
              top1_mean = s.top1_mean + ($3 - s.top1_mean) / (s.seeds + 1), \

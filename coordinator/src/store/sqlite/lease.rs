@@ -428,8 +428,9 @@ async fn record_result(
         .await?;
     sqlx::query(
         "INSERT INTO design_scores (design_id, dataset, recipe_hash, seeds, top1_mean, \
-             top1_m2, top5_mean, updated_at) \
-         VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?6) \
+             top1_m2, top5_mean, updated_at, family) \
+         VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?6, \
+             (SELECT d.family FROM designs d WHERE d.id = ?1)) \
          ON CONFLICT (design_id, dataset, recipe_hash) DO UPDATE SET \
              seeds = seeds + 1, \
              top1_mean = top1_mean + (?4 - top1_mean) / (seeds + 1), \

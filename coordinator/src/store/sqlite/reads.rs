@@ -24,7 +24,7 @@ const LEADERBOARD_ALL: &str = "\
         (SELECT min(g.rho) FROM grid_points g WHERE g.design_id = s.design_id) AS rho, \
         s.seeds AS seeds, s.top1_mean, s.top1_m2 / s.seeds AS top1_variance, s.top5_mean \
     FROM design_scores s JOIN designs d ON d.id = s.design_id \
-    WHERE (?1 IS NULL OR s.dataset = ?1) AND (?2 IS NULL OR d.family = ?2) \
+    WHERE (?1 IS NULL OR s.dataset = ?1) AND (?2 IS NULL OR s.family = ?2) \
         AND (?3 IS NULL OR d.params >= ?3) AND (?4 IS NULL OR d.params <= ?4) \
     ORDER BY s.top1_mean DESC, s.design_id, s.dataset, s.recipe_hash \
     LIMIT ?5";
