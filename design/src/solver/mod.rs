@@ -47,8 +47,6 @@ pub struct Solution {
 
 /// Independent population searches, each polished to a local optimum.
 const ISLANDS: u64 = 4;
-/// Best distinct members of each island's final population that are polished.
-const POLISHED_PER_ISLAND: usize = 1;
 /// Iterated-local-search kicks from the best local optimum: structural jumps the polish
 /// neighbourhoods cannot make (several depths and kernels at once), each polished again.
 const KICKS: u64 = 8;
@@ -63,30 +61,17 @@ pub fn solve(problem: &Problem) -> Result<Solution, DesignError> {
     let minimal = ctx.minimal();
     minimal.validate()?;
     check_smallest_fits(&ctx, &minimal)?;
-    // Independent populations settle in different basins; the best few of each are polished.
+    // Independent populations settle in different basins; the best of each is polished.
     let mut best: Option<(Network, Eval, u64)> = None;
-    let mut consider = |network: Network, eval: Eval, checked: u64| {
+    for seed in 1..=ISLANDS {
+        let ranked = search::population_search(&ctx, &minimal, seed);
+        let (mut network, mut eval) = ranked[0].clone();
+        let checked = polish::polish(&ctx, &mut network, &mut eval);
         if best
             .as_ref()
             .is_none_or(|(_, best_eval, _)| eval.better_than(best_eval))
         {
             best = Some((network, eval, checked));
-        }
-    };
-    for seed in 1..=ISLANDS {
-        let ranked = search::population_search(&ctx, &minimal, seed);
-        let mut polished: Vec<Network> = Vec::new();
-        for (network, eval) in &ranked {
-            if polished.len() == POLISHED_PER_ISLAND {
-                break;
-            }
-            if polished.contains(network) {
-                continue;
-            }
-            polished.push(network.clone());
-            let (mut network, mut eval) = (network.clone(), *eval);
-            let checked = polish::polish(&ctx, &mut network, &mut eval);
-            consider(network, eval, checked);
         }
     }
     // Iterated local search: kick the incumbent, descend again, keep improvements.
