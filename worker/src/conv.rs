@@ -1,23 +1,27 @@
-//! 2-D convolution for training: im2col + matrix product, so that the backward pass is two
-//! matrix products and a col2im, on every device.
+//! 2-D convolution for training, with both gradients, on every device.
 //!
-//! Why not `Tensor::conv2d` everywhere: on the CPU, candle 0.11 computes a convolution's input
-//! gradient with a naive `conv_transpose2d` loop, and a grouped convolution as one convolution
-//! per group, so a depthwise 3x3 on 96 channels is 96 tiny convolutions forward and backward.
-//! Measured on this project's 2-core machine (batch 128, 16 -> 16 channels at 32x32): forward
-//! and backward 0.41 s with candle's, 0.24 s with ours; a 96-channel depthwise layer at 16x16,
-//! 1.4 s and 1.1 s before the batched product below, which then made a whole MBConv training
-//! step 1.8x faster. Here:
-//! - dense convolutions on the CPU: `Im2Col` (a custom op whose backward is col2im) and one
-//!   batched matrix product with the `(out, in * k * k)` weight;
-//! - depthwise convolutions on any device: the same columns, times the per-channel taps as a
-//!   batched matrix product;
-//! - dense convolutions elsewhere (CUDA): candle's `conv2d` (cuDNN / im2col + cuBLAS).
+//! Why not `Tensor::conv2d` everywhere: candle 0.11 computes a convolution's input gradient
+//! with a naive `conv_transpose2d` loop (CPU and CUDA), and a grouped convolution as one
+//! convolution per group, so a depthwise 3x3 on 96 channels is 96 tiny convolutions forward and
+//! backward. Here, with [`crate::kernels::Kernels::Deepmad`]:
+//! - dense convolutions on the CPU: [`DenseConv`], per image an im2col into a per-thread
+//!   scratch buffer and one matrix product with the `(out, in * k * k)` weight (the gemm crate
+//!   candle uses, single-threaded, images spread over the threads); the backward pass is two
+//!   products and a col2im per image, the weight gradient accumulated per thread;
+//! - depthwise convolutions on the CPU: [`DepthwiseConv`], a direct loop per (image, channel)
+//!   plane and tap, forward and backward, with no columns;
+//! - every convolution on CUDA (with the `cuda` feature): cuDNN in all three passes
+//!   ([`crate::cudnn`]);
+//! - other devices or types: candle's `conv2d` for dense, the columns as tensor ops times the
+//!   taps as a batched product for depthwise.
+//!
+//! With [`crate::kernels::Kernels::Stock`] every convolution is candle's `conv2d`.
+//! `docs/performance.md` has the measured speeds.
 //!
 //! The column layout is `(batch, in_channels * k * k, out_side * out_side)` with row
 //! `c * k * k + ky * k + kx`, which matches the weight's row-major `(out, in, k, k)` layout.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The geometry of one convolution's input windows.
@@ -48,8 +52,28 @@ impl Windows {
 }
 
 /// Returns `xs * weight` (cross-correlation, PyTorch's `conv2d` without bias) for a weight of
-/// shape `(out, in / groups, k, k)`; `groups` must be 1 or the channel count (depthwise).
+/// shape `(out, in / groups, k, k)`, with the process's [`crate::kernels::current`] kernels.
 pub fn conv2d(
+    xs: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+) -> candle_core::Result<Tensor> {
+    conv2d_with(
+        crate::kernels::current(),
+        xs,
+        weight,
+        stride,
+        padding,
+        groups,
+    )
+}
+
+/// [`conv2d`] with the given kernels. deepmad's CPU path handles `groups` of 1 or the channel
+/// count (depthwise), the families the IR has; other group counts fall back to candle's.
+pub fn conv2d_with(
+    kernels: crate::kernels::Kernels,
     xs: &Tensor,
     weight: &Tensor,
     stride: usize,
@@ -73,17 +97,32 @@ pub fn conv2d(
         windows.out_height(),
         windows.out_width(),
     );
+    if kernels == crate::kernels::Kernels::Stock {
+        return xs.conv2d(weight, padding, stride, 1, groups);
+    }
+    #[cfg(feature = "cuda")]
+    if xs.device().is_cuda() {
+        return crate::cudnn::conv2d(xs, weight, stride, padding, groups);
+    }
+    let cpu_f32 = xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32;
     if groups == 1 {
-        if !xs.device().is_cpu() {
+        if !cpu_f32 {
             return xs.conv2d(weight, padding, stride, 1, 1);
         }
-        let cols = columns(xs, windows)?;
-        let weight = weight.reshape((out_channels, ()))?;
-        return weight.broadcast_matmul(&cols)?.reshape(out_shape);
+        let op = DenseConv {
+            windows,
+            out_channels,
+        };
+        return xs.contiguous()?.apply_op2(&weight.contiguous()?, op);
     }
     if groups != channels || out_channels != channels {
         // Not a family the IR has; candle handles it, slowly.
         return xs.conv2d(weight, padding, stride, 1, groups);
+    }
+    if cpu_f32 {
+        return xs
+            .contiguous()?
+            .apply_op2(&weight.contiguous()?, DepthwiseConv(windows));
     }
     let taps = kernel * kernel;
     // Per (image, channel): a (1 x taps) by (taps x pixels) product. As a batched matrix
@@ -94,14 +133,428 @@ pub fn conv2d(
     weight.broadcast_matmul(&cols)?.reshape(out_shape)
 }
 
-/// Returns the columns of `xs` (see the module docs): a custom op on the CPU, tensor ops
-/// (padding, shifted slices, strided selection) on other devices.
+/// A dense convolution on the CPU as one op: per image, im2col into a per-thread scratch buffer
+/// and one single-threaded matrix product `(out, in * k * k) x (in * k * k, pixels)`, images
+/// spread over candle's threads. Nothing batch-sized is materialised besides input and output,
+/// and the backward pass ([`DenseConvBackward`]) accumulates the weight gradient per thread
+/// with the product's `dst += lhs * rhs` instead of a batch-sized tensor reduced afterwards.
+#[derive(Clone, Copy, Debug)]
+struct DenseConv {
+    windows: Windows,
+    out_channels: usize,
+}
+
+/// Both gradients of [`DenseConv`] from `(input, weight, output gradient)`, in one buffer: the
+/// input gradient, then the weight gradient.
+#[derive(Clone, Copy, Debug)]
+struct DenseConvBackward(DenseConv);
+
+impl DenseConv {
+    /// Rows of the columns (`in * k * k`) and output pixels per image.
+    fn dims(&self) -> (usize, usize) {
+        let w = &self.windows;
+        (
+            w.channels * w.kernel * w.kernel,
+            w.out_height() * w.out_width(),
+        )
+    }
+
+    /// A 1x1, stride-1, unpadded convolution reads the image itself as its columns.
+    fn pointwise(&self) -> bool {
+        let w = &self.windows;
+        w.kernel == 1 && w.stride == 1 && w.padding == 0
+    }
+
+    fn image_len(&self) -> usize {
+        let w = &self.windows;
+        w.channels * w.height * w.width
+    }
+}
+
+impl CustomOp2 for DenseConv {
+    fn name(&self) -> &'static str {
+        "deepmad-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = contiguous_f32(xs, xs_layout, "conv2d")?;
+        let weight = contiguous_f32(weight, weight_layout, "conv2d")?;
+        let (rows, pixels) = self.dims();
+        let w = self.windows;
+        let mut ys = vec![0f32; w.batch * self.out_channels * pixels];
+        let pointwise = self.pointwise();
+        ys.par_chunks_mut(self.out_channels * pixels)
+            .zip(input.par_chunks(self.image_len()))
+            .for_each_init(
+                // Zeroed once: im2col writes the same in-image positions for every image, so
+                // the padding positions stay zero.
+                || vec![0f32; if pointwise { 0 } else { rows * pixels }],
+                |cols, (ys, image)| {
+                    let cols: &[f32] = if pointwise {
+                        image
+                    } else {
+                        im2col_one(&w, image, cols);
+                        cols
+                    };
+                    // ys (out x pixels) = weight (out x rows) * cols (rows x pixels).
+                    matmul(
+                        ys,
+                        false,
+                        Operand::row_major(weight, rows),
+                        Operand::row_major(cols, pixels),
+                        (self.out_channels, pixels, rows),
+                    );
+                },
+            );
+        let shape = (w.batch, self.out_channels, w.out_height(), w.out_width()).into();
+        Ok((CpuStorage::F32(ys), shape))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _ys: &Tensor,
+        grad_ys: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let flat =
+            xs.apply_op3_no_bwd(weight, &grad_ys.contiguous()?, &DenseConvBackward(*self))?;
+        let count = xs.elem_count();
+        let grad_xs = flat.narrow(0, 0, count)?.reshape(xs.shape())?;
+        let grad_weight = flat
+            .narrow(0, count, weight.elem_count())?
+            .reshape(weight.shape())?;
+        Ok((Some(grad_xs), Some(grad_weight)))
+    }
+}
+
+impl CustomOp3 for DenseConvBackward {
+    fn name(&self) -> &'static str {
+        "deepmad-conv2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        grad_ys: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let conv = self.0;
+        let input = contiguous_f32(xs, xs_layout, "conv2d backward")?;
+        let weight = contiguous_f32(weight, weight_layout, "conv2d backward")?;
+        let grad_ys = contiguous_f32(grad_ys, grad_layout, "conv2d backward")?;
+        let (rows, pixels) = conv.dims();
+        let out = conv.out_channels;
+        let w = conv.windows;
+        let pointwise = conv.pointwise();
+        let image_len = conv.image_len();
+        let mut grads = vec![0f32; input.len() + out * rows];
+        let (grad_xs, grad_weight) = grads.split_at_mut(input.len());
+        struct Scratch {
+            grad_weight: Vec<f32>,
+            cols: Vec<f32>,
+            grad_cols: Vec<f32>,
+        }
+        let partial = grad_xs
+            .par_chunks_mut(image_len)
+            .zip(input.par_chunks(image_len))
+            .zip(grad_ys.par_chunks(out * pixels))
+            .fold(
+                || Scratch {
+                    grad_weight: vec![0f32; out * rows],
+                    cols: vec![0f32; if pointwise { 0 } else { rows * pixels }],
+                    grad_cols: vec![0f32; if pointwise { 0 } else { rows * pixels }],
+                },
+                |mut scratch, ((grad_x, image), grad_y)| {
+                    let cols: &[f32] = if pointwise {
+                        image
+                    } else {
+                        im2col_one(&w, image, &mut scratch.cols);
+                        &scratch.cols
+                    };
+                    // grad_weight (out x rows) += grad_y (out x pixels) * cols^T.
+                    matmul(
+                        &mut scratch.grad_weight,
+                        true,
+                        Operand::row_major(grad_y, pixels),
+                        Operand::transposed(cols, pixels),
+                        (out, rows, pixels),
+                    );
+                    // grad_cols (rows x pixels) = weight^T (rows x out) * grad_y, then col2im;
+                    // for a pointwise convolution the columns are the input gradient itself.
+                    let weight_t = Operand::transposed(weight, rows);
+                    let grad_y = Operand::row_major(grad_y, pixels);
+                    if pointwise {
+                        matmul(grad_x, false, weight_t, grad_y, (rows, pixels, out));
+                    } else {
+                        let grad_cols = &mut scratch.grad_cols;
+                        matmul(grad_cols, false, weight_t, grad_y, (rows, pixels, out));
+                        col2im_one(&w, grad_cols, grad_x);
+                    }
+                    scratch
+                },
+            )
+            .map(|scratch| scratch.grad_weight)
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            });
+        if let Some(partial) = partial {
+            grad_weight.copy_from_slice(&partial);
+        }
+        let shape = Shape::from(grads.len());
+        Ok((CpuStorage::F32(grads), shape))
+    }
+}
+
+/// One operand of [`matmul`]: a row-major matrix or the transpose of one.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<'a> Operand<'a> {
+    /// A row-major matrix with `cols` columns.
+    fn row_major(data: &'a [f32], cols: usize) -> Operand<'a> {
+        Operand {
+            data,
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix that has `cols` columns (so `cols` rows here).
+    fn transposed(data: &'a [f32], cols: usize) -> Operand<'a> {
+        Operand {
+            data,
+            row_stride: 1,
+            col_stride: cols as isize,
+        }
+    }
+}
+
+/// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)`, row-major `dst`, on the calling thread.
+// The gemm crate's entry point takes raw pointers and strides; the asserts make it sound.
+#[allow(unsafe_code)]
+fn matmul(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    (m, n, k): (usize, usize, usize),
+) {
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(
+        lhs.data.len() >= m * k && rhs.data.len() >= k * n,
+        "matmul: operand too small"
+    );
+    // Safety: the asserts above bound every index the strides reach (both operands are
+    // exactly m x k and k x n matrices laid out as their strides say).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride,
+            lhs.row_stride,
+            rhs.data.as_ptr(),
+            rhs.col_stride,
+            rhs.row_stride,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// A depthwise convolution (one `k x k` filter per channel) on the CPU, computed directly:
+/// per (image, channel) plane and per tap, one multiply-add over the rows and columns that tap
+/// reaches, with no columns at all. Backward: [`DepthwiseBackward`].
+#[derive(Clone, Copy, Debug)]
+struct DepthwiseConv(Windows);
+
+/// Both gradients of [`DepthwiseConv`] in one buffer: the input's, then the weight's.
+#[derive(Clone, Copy, Debug)]
+struct DepthwiseBackward(Windows);
+
+/// Calls `visit(out_row, in_row, out_x_lo..out_x_hi, in_x_first)` for every output row a
+/// tap `(ky, kx)` reaches, so that out column `ox` reads in column
+/// `in_x_first + (ox - out_x_lo) * stride`.
+fn for_tap_rows(
+    w: &Windows,
+    ky: usize,
+    kx: usize,
+    mut visit: impl FnMut(usize, usize, usize, usize, usize),
+) {
+    let (out_h, out_w) = (w.out_height(), w.out_width());
+    let (y_lo, y_hi, y_first) = valid_range(w, ky, w.height, out_h);
+    let (x_lo, x_hi, x_first) = valid_range(w, kx, w.width, out_w);
+    for (step, oy) in (y_lo..y_hi).enumerate() {
+        visit(oy, y_first + step * w.stride, x_lo, x_hi, x_first);
+    }
+}
+
+impl CustomOp2 for DepthwiseConv {
+    fn name(&self) -> &'static str {
+        "deepmad-depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = contiguous_f32(xs, xs_layout, "depthwise conv2d")?;
+        let weight = contiguous_f32(weight, weight_layout, "depthwise conv2d")?;
+        let w = self.0;
+        let (out_h, out_w) = (w.out_height(), w.out_width());
+        let (plane, out_plane, taps) = (w.height * w.width, out_h * out_w, w.kernel * w.kernel);
+        let mut ys = vec![0f32; w.batch * w.channels * out_plane];
+        ys.par_chunks_mut(out_plane)
+            .zip(input.par_chunks(plane))
+            .enumerate()
+            .for_each(|(index, (ys, image))| {
+                let filter = &weight[(index % w.channels) * taps..][..taps];
+                for ky in 0..w.kernel {
+                    for kx in 0..w.kernel {
+                        let tap = filter[ky * w.kernel + kx];
+                        for_tap_rows(&w, ky, kx, |oy, iy, lo, hi, first| {
+                            let src = &image[iy * w.width..(iy + 1) * w.width];
+                            let dst = &mut ys[oy * out_w + lo..oy * out_w + hi];
+                            if w.stride == 1 {
+                                let src = &src[first..first + dst.len()];
+                                dst.iter_mut().zip(src).for_each(|(d, s)| *d += tap * s);
+                            } else {
+                                for (offset, d) in dst.iter_mut().enumerate() {
+                                    *d += tap * src[first + offset * w.stride];
+                                }
+                            }
+                        });
+                    }
+                }
+            });
+        let shape = (w.batch, w.channels, out_h, out_w).into();
+        Ok((CpuStorage::F32(ys), shape))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _ys: &Tensor,
+        grad_ys: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let flat =
+            xs.apply_op3_no_bwd(weight, &grad_ys.contiguous()?, &DepthwiseBackward(self.0))?;
+        let count = xs.elem_count();
+        let grad_xs = flat.narrow(0, 0, count)?.reshape(xs.shape())?;
+        let grad_weight = flat
+            .narrow(0, count, weight.elem_count())?
+            .reshape(weight.shape())?;
+        Ok((Some(grad_xs), Some(grad_weight)))
+    }
+}
+
+impl CustomOp3 for DepthwiseBackward {
+    fn name(&self) -> &'static str {
+        "deepmad-depthwise-conv2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        grad_ys: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = contiguous_f32(xs, xs_layout, "depthwise conv2d backward")?;
+        let weight = contiguous_f32(weight, weight_layout, "depthwise conv2d backward")?;
+        let grad_ys = contiguous_f32(grad_ys, grad_layout, "depthwise conv2d backward")?;
+        let w = self.0;
+        let (out_h, out_w) = (w.out_height(), w.out_width());
+        let (plane, out_plane, taps) = (w.height * w.width, out_h * out_w, w.kernel * w.kernel);
+        let planes = w.batch * w.channels;
+        let mut grad_xs = vec![0f32; planes * plane];
+        // Per plane, its contribution to its channel's filter gradient; summed over images below.
+        let mut plane_taps = vec![0f32; planes * taps];
+        grad_xs
+            .par_chunks_mut(plane)
+            .zip(plane_taps.par_chunks_mut(taps))
+            .zip(input.par_chunks(plane).zip(grad_ys.par_chunks(out_plane)))
+            .enumerate()
+            .for_each(|(index, ((grad_x, grad_taps), (image, grad_y)))| {
+                let filter = &weight[(index % w.channels) * taps..][..taps];
+                for ky in 0..w.kernel {
+                    for kx in 0..w.kernel {
+                        let t = ky * w.kernel + kx;
+                        let tap = filter[t];
+                        let mut sum = 0f32;
+                        for_tap_rows(&w, ky, kx, |oy, iy, lo, hi, first| {
+                            let gy = &grad_y[oy * out_w + lo..oy * out_w + hi];
+                            let src = &image[iy * w.width..(iy + 1) * w.width];
+                            let gx = &mut grad_x[iy * w.width..(iy + 1) * w.width];
+                            if w.stride == 1 {
+                                let src = &src[first..first + gy.len()];
+                                let gx = &mut gx[first..first + gy.len()];
+                                for ((g, s), d) in gy.iter().zip(src).zip(gx.iter_mut()) {
+                                    sum += g * s;
+                                    *d += tap * g;
+                                }
+                            } else {
+                                for (offset, g) in gy.iter().enumerate() {
+                                    let i = first + offset * w.stride;
+                                    sum += g * src[i];
+                                    gx[i] += tap * g;
+                                }
+                            }
+                        });
+                        grad_taps[t] = sum;
+                    }
+                }
+            });
+        let mut grads = grad_xs;
+        let mut grad_weight = vec![0f32; w.channels * taps];
+        for (index, contribution) in plane_taps.chunks(taps).enumerate() {
+            let channel = index % w.channels;
+            grad_weight[channel * taps..][..taps]
+                .iter_mut()
+                .zip(contribution)
+                .for_each(|(a, b)| *a += b);
+        }
+        grads.extend_from_slice(&grad_weight);
+        let shape = Shape::from(grads.len());
+        Ok((CpuStorage::F32(grads), shape))
+    }
+}
+
+/// Returns the columns of `xs` (see the module docs) as tensor ops (padding, shifted slices,
+/// strided selection), for devices and types the custom ops do not cover.
 fn columns(xs: &Tensor, windows: Windows) -> candle_core::Result<Tensor> {
     if windows.kernel == 1 && windows.stride == 1 && windows.padding == 0 {
         return xs.reshape((windows.batch, windows.channels, ()));
-    }
-    if xs.device().is_cpu() {
-        return xs.contiguous()?.apply_op1(Im2Col(windows));
     }
     columns_with_tensor_ops(xs, windows)
 }
@@ -140,78 +593,6 @@ fn columns_with_tensor_ops(xs: &Tensor, windows: Windows) -> candle_core::Result
         }
     }
     Tensor::stack(&slices, 2)?.reshape(windows.cols_shape())
-}
-
-/// im2col on the CPU; its gradient is [`Col2Im`].
-#[derive(Clone, Copy, Debug)]
-struct Im2Col(Windows);
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "deepmad-im2col"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let input = contiguous_f32(storage, layout, "im2col")?;
-        let windows = self.0;
-        let mut cols = vec![0f32; windows.cols_shape().elem_count()];
-        let image_len = windows.channels * windows.height * windows.width;
-        let cols_len = cols.len() / windows.batch;
-        cols.par_chunks_mut(cols_len)
-            .zip(input.par_chunks(image_len))
-            .for_each(|(cols, image)| im2col_one(&windows, image, cols));
-        Ok((CpuStorage::F32(cols), windows.cols_shape()))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.apply_op1(Col2Im(self.0))?))
-    }
-}
-
-/// col2im: sums each column entry back onto the input pixel it was copied from.
-#[derive(Clone, Copy, Debug)]
-struct Col2Im(Windows);
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "deepmad-col2im"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let cols = contiguous_f32(storage, layout, "col2im")?;
-        let w = self.0;
-        let image_len = w.channels * w.height * w.width;
-        let mut image = vec![0f32; w.batch * image_len];
-        let cols_len = cols.len() / w.batch;
-        image
-            .par_chunks_mut(image_len)
-            .zip(cols.par_chunks(cols_len))
-            .for_each(|(image, cols)| col2im_one(&w, cols, image));
-        let shape = (w.batch, w.channels, w.height, w.width).into();
-        Ok((CpuStorage::F32(image), shape))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.apply_op1(Im2Col(self.0))?))
-    }
 }
 
 fn contiguous_f32<'a>(
@@ -366,7 +747,7 @@ mod tests {
         }
     }
 
-    /// The tensor-op columns (used on CUDA) equal the custom op's.
+    /// The tensor-op columns (the fallback on other devices) equal the CPU kernels' im2col.
     #[test]
     fn tensor_op_columns_equal_the_custom_op() {
         for (k, s, side) in [(3, 1, 5), (3, 2, 7), (5, 2, 8), (1, 2, 6)] {
@@ -380,7 +761,14 @@ mod tests {
                 stride: s,
                 padding: k / 2,
             };
-            let custom = xs.as_tensor().apply_op1(Im2Col(windows)).unwrap();
+            let image_len = 3 * side * side;
+            let input: Vec<f32> = xs.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let mut cols = vec![0f32; windows.cols_shape().elem_count()];
+            let cols_len = cols.len() / 2;
+            for (cols, image) in cols.chunks_mut(cols_len).zip(input.chunks(image_len)) {
+                im2col_one(&windows, image, cols);
+            }
+            let custom = Tensor::from_vec(cols, windows.cols_shape(), &Device::Cpu).unwrap();
             let generic = columns_with_tensor_ops(xs.as_tensor(), windows).unwrap();
             assert_eq!(custom.dims(), generic.dims());
             assert_eq!(max_difference(&custom, &generic), 0.0, "k {k} s {s}");

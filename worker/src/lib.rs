@@ -22,10 +22,15 @@ pub mod checkpoint;
 pub mod client;
 pub mod control;
 pub mod conv;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
+#[cfg(feature = "cuda")]
+pub mod cudnn;
 pub mod data;
 pub mod device;
 pub mod error;
 pub mod init;
+pub mod kernels;
 pub mod loss;
 pub mod metrics;
 pub mod model;
@@ -41,6 +46,7 @@ pub use control::{CancellationFlag, Control, NoHooks, StepProgress, StopReason, 
 pub use data::{Dataset, DatasetKind, DatasetSpec, LoadOptions};
 pub use device::DeviceSpec;
 pub use error::{FailureClass, WorkerError};
+pub use kernels::Kernels;
 pub use metrics::{EpochMetrics, EvalMetrics, Position};
 pub use model::Model;
 pub use recipe::Recipe;

@@ -46,49 +46,28 @@ impl BatchNorm2d {
     }
 
     fn forward_train(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (batch, channels, height, width) = xs.dims4()?;
+        let (batch, _, height, width) = xs.dims4()?;
         let count = batch * height * width;
         if count < 2 {
             candle_core::bail!("batch norm needs more than one value per channel, got {count}");
         }
-        let (ys, mean, variance) = if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-            let stats = Arc::new(Mutex::new(None));
-            let op = TrainOp {
-                stats: Arc::clone(&stats),
-            };
-            let ys = xs.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
-            // Cloned, not taken: the backward pass reads the same statistics.
-            let stats = stats
-                .lock()
-                .expect("no panic while holding the lock")
-                .clone();
-            let stats =
-                stats.ok_or_else(|| candle_core::Error::Msg("batch norm ran no forward".into()))?;
-            let mean = Tensor::from_vec(stats.mean, channels, xs.device())?;
-            let variance = Tensor::from_vec(stats.variance, channels, xs.device())?;
-            (ys, mean, variance)
-        } else {
-            self.forward_train_generic(xs)?
-        };
-        self.update_running_statistics(&mean, &variance, count)?;
+        let kernels = crate::kernels::current();
+        let (ys, stats) = train_batch_norm(kernels, xs, &self.weight, &self.bias)?;
+        match stats {
+            BatchStats::Tensors { mean, variance } => {
+                self.update_running_statistics(&mean, &variance, count)?;
+            }
+            #[cfg(feature = "cuda")]
+            BatchStats::Cudnn(stash) => crate::cudnn::update_running_statistics(
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                stash,
+                self.momentum,
+                EPS,
+                count,
+            )?,
+        }
         Ok(ys)
-    }
-
-    /// The same computation as the custom op, as tensor ops (any device, autograd backward);
-    /// returns the output and the detached batch mean and biased variance.
-    fn forward_train_generic(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let channels = xs.dim(1)?;
-        let mean = xs.mean_keepdim((0, 2, 3))?;
-        let centered = xs.broadcast_sub(&mean)?;
-        let variance = centered.sqr()?.mean_keepdim((0, 2, 3))?;
-        let inv_std = (&variance + EPS)?.sqrt()?.recip()?;
-        let scale = inv_std.broadcast_mul(&self.weight.reshape((1, channels, 1, 1))?)?;
-        let ys = centered
-            .broadcast_mul(&scale)?
-            .broadcast_add(&self.bias.reshape((1, channels, 1, 1))?)?;
-        let mean = mean.flatten_all()?.detach();
-        let variance = variance.flatten_all()?.detach();
-        Ok((ys, mean, variance))
     }
 
     fn update_running_statistics(
@@ -116,6 +95,72 @@ impl BatchNorm2d {
         xs.broadcast_mul(&scale.reshape((1, channels, 1, 1))?)?
             .broadcast_add(&shift.reshape((1, channels, 1, 1))?)
     }
+}
+
+/// Where a training pass left its batch statistics.
+pub(crate) enum BatchStats {
+    /// The detached batch mean and biased variance.
+    Tensors { mean: Tensor, variance: Tensor },
+    /// Saved by cuDNN on the GPU, read by `cudnn::update_running_statistics`.
+    #[cfg(feature = "cuda")]
+    Cudnn(crate::cudnn::BatchNormStash),
+}
+
+/// BatchNorm's training pass with the given kernels: the output (differentiable in `xs`,
+/// `weight` and `bias`) and the batch statistics. deepmad's kernels are one custom op on the
+/// CPU and cuDNN on CUDA; the stock path is plain tensor ops.
+pub(crate) fn train_batch_norm(
+    kernels: crate::kernels::Kernels,
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> candle_core::Result<(Tensor, BatchStats)> {
+    let deepmad = kernels == crate::kernels::Kernels::Deepmad && xs.dtype() == DType::F32;
+    if deepmad && xs.device().is_cpu() {
+        let channels = xs.dim(1)?;
+        let stats = Arc::new(Mutex::new(None));
+        let op = TrainOp {
+            stats: Arc::clone(&stats),
+        };
+        let ys = xs.contiguous()?.apply_op3(weight, bias, op)?;
+        // Cloned, not taken: the backward pass reads the same statistics.
+        let stats = stats
+            .lock()
+            .expect("no panic while holding the lock")
+            .clone();
+        let stats =
+            stats.ok_or_else(|| candle_core::Error::Msg("batch norm ran no forward".into()))?;
+        let mean = Tensor::from_vec(stats.mean, channels, xs.device())?;
+        let variance = Tensor::from_vec(stats.variance, channels, xs.device())?;
+        return Ok((ys, BatchStats::Tensors { mean, variance }));
+    }
+    #[cfg(feature = "cuda")]
+    if deepmad && xs.device().is_cuda() {
+        let (ys, stash) = crate::cudnn::batch_norm_train(xs, weight, bias, EPS)?;
+        return Ok((ys, BatchStats::Cudnn(stash)));
+    }
+    let (ys, mean, variance) = train_batch_norm_generic(xs, weight, bias)?;
+    Ok((ys, BatchStats::Tensors { mean, variance }))
+}
+
+/// The same computation as the custom op, as tensor ops (any device, autograd backward).
+fn train_batch_norm_generic(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let channels = xs.dim(1)?;
+    let mean = xs.mean_keepdim((0, 2, 3))?;
+    let centered = xs.broadcast_sub(&mean)?;
+    let variance = centered.sqr()?.mean_keepdim((0, 2, 3))?;
+    let inv_std = (&variance + EPS)?.sqrt()?.recip()?;
+    let scale = inv_std.broadcast_mul(&weight.reshape((1, channels, 1, 1))?)?;
+    let ys = centered
+        .broadcast_mul(&scale)?
+        .broadcast_add(&bias.reshape((1, channels, 1, 1))?)?;
+    let mean = mean.flatten_all()?.detach();
+    let variance = variance.flatten_all()?.detach();
+    Ok((ys, mean, variance))
 }
 
 impl ModuleT for BatchNorm2d {
@@ -256,6 +301,7 @@ mod tests {
     use candle_nn::VarMap;
 
     use super::*;
+    use crate::kernels::Kernels;
 
     const SHAPE: (usize, usize, usize, usize) = (3, 4, 5, 5);
 
@@ -312,7 +358,7 @@ mod tests {
         let xs = Var::from_vec(pattern(300, 1), SHAPE, &Device::Cpu).unwrap();
         let loss_weights = Tensor::from_vec(pattern(300, 2), SHAPE, &Device::Cpu).unwrap();
         let (weight, bias) = affine();
-        let (norm, candle_norm) = (ours(&weight, &bias), reference(&weight, &bias));
+        let candle_norm = reference(&weight, &bias);
         let run = |forward: &dyn Fn(&Tensor) -> Tensor| {
             let ys = forward(xs.as_tensor());
             let loss = (&ys * &loss_weights).unwrap().sum_all().unwrap();
@@ -320,8 +366,9 @@ mod tests {
             let grad_of = |var: &Var| grads.get(var.as_tensor()).unwrap().clone();
             [ys, grad_of(&xs), grad_of(&weight), grad_of(&bias)]
         };
-        let custom = run(&|x| norm.forward_train(x).unwrap());
-        let generic = run(&|x| norm.forward_train_generic(x).unwrap().0);
+        let (w, b) = (weight.as_tensor(), bias.as_tensor());
+        let custom = run(&|x| train_batch_norm(Kernels::Deepmad, x, w, b).unwrap().0);
+        let generic = run(&|x| train_batch_norm(Kernels::Stock, x, w, b).unwrap().0);
         let expected = run(&|x| candle_norm.forward_t(x, true).unwrap());
         for (index, name) in ["output", "input grad", "weight grad", "bias grad"]
             .iter()

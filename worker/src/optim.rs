@@ -11,9 +11,14 @@
 //! p  = p - lr * g
 //! ```
 //! Parameters without a gradient are skipped, as PyTorch skips `p.grad is None`.
+//!
+//! With deepmad's kernels ([`crate::kernels`]) each parameter's update is two in-place ops
+//! (momentum buffer, then value) over f32 data, on the CPU as loops and on CUDA as two kernels
+//! of [`crate::cuda_kernels`]; the stock path is the formula above as candle tensor ops (nine
+//! ops and allocations per parameter), which the tests compare it with.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Tensor, Var};
 
 use crate::error::WorkerError;
 use crate::model::{NamedVar, VarRole};
@@ -70,13 +75,56 @@ impl Sgd {
 
     /// Applies one update with learning rate `lr` from the gradients in `grads`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<(), WorkerError> {
+        self.step_with(crate::kernels::current(), grads, lr)
+    }
+
+    /// [`Sgd::step`] with the given kernels.
+    pub fn step_with(
+        &mut self,
+        kernels: crate::kernels::Kernels,
+        grads: &GradStore,
+        lr: f64,
+    ) -> Result<(), WorkerError> {
         let SgdConfig {
             momentum, nesterov, ..
         } = self.config;
+        let fused = kernels == crate::kernels::Kernels::Deepmad;
         for param in &mut self.params {
             let Some(grad) = grads.get(param.var.as_tensor()) else {
                 continue;
             };
+            let value = param.var.as_tensor();
+            let device = value.device();
+            if fused && value.dtype() == DType::F32 && (device.is_cpu() || device.is_cuda()) {
+                let grad = grad.detach().contiguous()?;
+                let mut buffer = None;
+                if momentum != 0.0 {
+                    let first = param.momentum_buffer.is_none();
+                    let existing = match &param.momentum_buffer {
+                        Some(existing) => existing.clone(),
+                        None => value.zeros_like()?,
+                    };
+                    let op = SgdBuffer {
+                        momentum: momentum as f32,
+                        weight_decay: param.weight_decay as f32,
+                        first,
+                    };
+                    existing.inplace_op3(&grad, value, &op)?;
+                    buffer = Some(existing);
+                }
+                let op = SgdValue {
+                    lr: lr as f32,
+                    momentum: momentum as f32,
+                    weight_decay: param.weight_decay as f32,
+                    nesterov,
+                };
+                // Without momentum the kernel never reads the buffer operand.
+                value.inplace_op3(&grad, buffer.as_ref().unwrap_or(&grad), &op)?;
+                if buffer.is_some() {
+                    param.momentum_buffer = buffer;
+                }
+                continue;
+            }
             let value = param.var.as_detached_tensor();
             let mut update = grad.detach();
             if param.weight_decay != 0.0 {
@@ -130,6 +178,174 @@ impl Sgd {
                 .map_err(|e| e.to_string())?,
         );
         Ok(())
+    }
+}
+
+/// `buffer = first ? g : buffer * momentum + g` with `g = grad + value * weight_decay`, in
+/// place on the buffer; operands `(grad, value)`.
+#[derive(Clone, Copy, Debug)]
+struct SgdBuffer {
+    momentum: f32,
+    weight_decay: f32,
+    first: bool,
+}
+
+/// `value -= lr * update` with `update` = `g` (no momentum), `g + buffer * momentum`
+/// (Nesterov) or `buffer`, in place on the value; operands `(grad, buffer)`.
+#[derive(Clone, Copy, Debug)]
+struct SgdValue {
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+    nesterov: bool,
+}
+
+fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("sgd: only f32 is supported");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or(candle_core::Error::RequiresContiguous { op: "sgd" })?;
+    Ok(&data[start..end])
+}
+
+fn cpu_f32_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("sgd: only f32 is supported");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or(candle_core::Error::RequiresContiguous { op: "sgd" })?;
+    Ok(&mut data[start..end])
+}
+
+impl InplaceOp3 for SgdBuffer {
+    fn name(&self) -> &'static str {
+        "deepmad-sgd-buffer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        buffer: &mut CpuStorage,
+        buffer_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+        value: &CpuStorage,
+        value_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let buffer = cpu_f32_mut(buffer, buffer_layout)?;
+        let grad = cpu_f32(grad, grad_layout)?;
+        let value = cpu_f32(value, value_layout)?;
+        for ((b, g), v) in buffer.iter_mut().zip(grad).zip(value) {
+            let g = g + v * self.weight_decay;
+            *b = if self.first {
+                g
+            } else {
+                *b * self.momentum + g
+            };
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        buffer: &mut candle_core::CudaStorage,
+        buffer_layout: &Layout,
+        grad: &candle_core::CudaStorage,
+        grad_layout: &Layout,
+        value: &candle_core::CudaStorage,
+        value_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        use crate::cuda_kernels::{f32_view, f32_view_mut, launch, Arg};
+        let device = buffer.device.clone();
+        let n = buffer_layout.shape().elem_count();
+        let mut out = f32_view_mut(buffer, buffer_layout, "sgd buffer")?;
+        let grad = f32_view(grad, grad_layout, "sgd gradient")?;
+        let value = f32_view(value, value_layout, "sgd value")?;
+        launch(
+            &device,
+            "deepmad_sgd_buffer",
+            n,
+            &mut [
+                Arg::Out(&mut out),
+                Arg::In(&grad),
+                Arg::In(&value),
+                Arg::U32(n as u32),
+                Arg::F32(self.momentum),
+                Arg::F32(self.weight_decay),
+                Arg::I32(i32::from(self.first)),
+            ],
+        )
+    }
+}
+
+impl InplaceOp3 for SgdValue {
+    fn name(&self) -> &'static str {
+        "deepmad-sgd-value"
+    }
+
+    fn cpu_fwd(
+        &self,
+        value: &mut CpuStorage,
+        value_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+        buffer: &CpuStorage,
+        buffer_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let value = cpu_f32_mut(value, value_layout)?;
+        let grad = cpu_f32(grad, grad_layout)?;
+        let buffer = cpu_f32(buffer, buffer_layout)?;
+        for ((v, g), b) in value.iter_mut().zip(grad).zip(buffer) {
+            let g = g + *v * self.weight_decay;
+            let update = if self.momentum == 0.0 {
+                g
+            } else if self.nesterov {
+                g + b * self.momentum
+            } else {
+                *b
+            };
+            *v -= update * self.lr;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        value: &mut candle_core::CudaStorage,
+        value_layout: &Layout,
+        grad: &candle_core::CudaStorage,
+        grad_layout: &Layout,
+        buffer: &candle_core::CudaStorage,
+        buffer_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        use crate::cuda_kernels::{f32_view, f32_view_mut, launch, Arg};
+        let device = value.device.clone();
+        let n = value_layout.shape().elem_count();
+        let mut out = f32_view_mut(value, value_layout, "sgd value")?;
+        let grad = f32_view(grad, grad_layout, "sgd gradient")?;
+        let buffer = f32_view(buffer, buffer_layout, "sgd buffer")?;
+        launch(
+            &device,
+            "deepmad_sgd_value",
+            n,
+            &mut [
+                Arg::Out(&mut out),
+                Arg::In(&grad),
+                Arg::In(&buffer),
+                Arg::U32(n as u32),
+                Arg::F32(self.lr),
+                Arg::F32(self.momentum),
+                Arg::F32(self.weight_decay),
+                Arg::I32(i32::from(self.nesterov)),
+            ],
+        )
     }
 }
 
@@ -208,6 +424,60 @@ mod tests {
             let grads = p.var.as_tensor().sum_all().unwrap().backward().unwrap();
             sgd.step(&grads, 0.5).unwrap();
             assert_eq!(value(&p), expected);
+        }
+    }
+
+    /// The fused in-place update equals the tensor-op formula over several steps, for
+    /// Nesterov, classical momentum and plain SGD, with and without weight decay.
+    #[test]
+    fn fused_update_equals_the_tensor_op_formula() {
+        use crate::kernels::Kernels;
+        let configs = [
+            (0.9, true, 5e-4),
+            (0.5, false, 0.01),
+            (0.0, false, 0.1),
+            (0.9, true, 0.0),
+        ];
+        for (momentum, nesterov, weight_decay) in configs {
+            let config = SgdConfig {
+                momentum,
+                nesterov,
+                weight_decay,
+            };
+            let start: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+            let make = || {
+                vec![NamedVar {
+                    name: "w".into(),
+                    var: Var::from_vec(start.clone(), (37,), &Device::Cpu).unwrap(),
+                    role: VarRole::Decay,
+                }]
+            };
+            let (fused_vars, stock_vars) = (make(), make());
+            let mut fused = Sgd::new(fused_vars.clone(), config).unwrap();
+            let mut stock = Sgd::new(stock_vars.clone(), config).unwrap();
+            for step in 0..4 {
+                let lr = 0.1 / (step + 1) as f64;
+                for (sgd, vars, kernels) in [
+                    (&mut fused, &fused_vars, Kernels::Deepmad),
+                    (&mut stock, &stock_vars, Kernels::Stock),
+                ] {
+                    let w = vars[0].var.as_tensor();
+                    let loss = (w.sqr().unwrap().sum_all().unwrap()
+                        + w.sin().unwrap().sum_all().unwrap())
+                    .unwrap();
+                    let grads = loss.backward().unwrap();
+                    sgd.step_with(kernels, &grads, lr).unwrap();
+                }
+                let a: Vec<f32> = fused_vars[0].var.as_tensor().to_vec1().unwrap();
+                let b: Vec<f32> = stock_vars[0].var.as_tensor().to_vec1().unwrap();
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() < 1e-6, "{config:?} step {step}: {x} vs {y}");
+                }
+            }
+            assert_eq!(
+                fused.momentum_buffers().len(),
+                stock.momentum_buffers().len()
+            );
         }
     }
 

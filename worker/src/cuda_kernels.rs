@@ -1,0 +1,147 @@
+//! deepmad's own CUDA kernels, for the elementwise work where a chain of candle ops would cost a
+//! kernel launch and an allocation per op: the fused SGD update ([`crate::optim`]) and the
+//! BatchNorm running statistics ([`crate::cudnn`]).
+//!
+//! The kernels are CUDA C below, compiled once per process by NVRTC (which candle's CUDA backend
+//! already links) and loaded through candle's module cache, so a CUDA build needs no extra build
+//! step and the PTX always matches the driver of the machine it runs on.
+
+// Launching a kernel passes raw arguments to the driver; each launch below says why it is sound.
+#![allow(unsafe_code)]
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::CudaDevice;
+use candle_core::{CudaStorage, DType, Layout};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+const MODULE: &str = "deepmad_kernels";
+
+const SOURCE: &str = r#"
+extern "C" __global__ void deepmad_sgd_buffer(
+    float* buffer, const float* grad, const float* value, unsigned int n,
+    float momentum, float weight_decay, int first) {
+  for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += blockDim.x * gridDim.x) {
+    float g = grad[i] + value[i] * weight_decay;
+    buffer[i] = first ? g : buffer[i] * momentum + g;
+  }
+}
+
+extern "C" __global__ void deepmad_sgd_value(
+    float* value, const float* grad, const float* buffer, unsigned int n,
+    float lr, float momentum, float weight_decay, int nesterov) {
+  for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += blockDim.x * gridDim.x) {
+    float g = grad[i] + value[i] * weight_decay;
+    float update = momentum == 0.0f ? g : (nesterov ? g + buffer[i] * momentum : buffer[i]);
+    value[i] = value[i] - update * lr;
+  }
+}
+
+extern "C" __global__ void deepmad_running_mean(
+    float* running, const float* mean, unsigned int n, float momentum) {
+  for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += blockDim.x * gridDim.x) {
+    running[i] = running[i] * (1.0f - momentum) + mean[i] * momentum;
+  }
+}
+
+extern "C" __global__ void deepmad_running_var(
+    float* running, const float* inv_std, unsigned int n, float momentum, float eps,
+    float unbias) {
+  for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += blockDim.x * gridDim.x) {
+    float variance = 1.0f / (inv_std[i] * inv_std[i]) - eps;
+    running[i] = running[i] * (1.0f - momentum) + variance * unbias * momentum;
+  }
+}
+"#;
+
+/// The PTX of [`SOURCE`], compiled on first use.
+fn ptx() -> candle_core::Result<&'static str> {
+    static PTX: OnceLock<Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        cudarc::nvrtc::compile_ptx(SOURCE)
+            .map(|ptx| ptx.to_src())
+            .map_err(|error| format!("compiling deepmad's CUDA kernels with NVRTC: {error:?}"))
+    })
+    .as_deref()
+    .map_err(|error| candle_core::Error::Cuda(error.clone().into()))
+}
+
+/// The f32 elements of a contiguous tensor's storage.
+pub(crate) fn f32_view<'a>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaView<'a, f32>> {
+    if storage.dtype() != DType::F32 {
+        candle_core::bail!("{what}: only f32 is supported, got {:?}", storage.dtype());
+    }
+    let (start, end) =
+        layout
+            .contiguous_offsets()
+            .ok_or(candle_core::Error::RequiresContiguous {
+                op: "deepmad-kernel",
+            })?;
+    Ok(storage.as_cuda_slice::<f32>()?.slice(start..end))
+}
+
+/// The f32 elements of a contiguous tensor's storage, to write.
+pub(crate) fn f32_view_mut<'a>(
+    storage: &'a mut CudaStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaViewMut<'a, f32>> {
+    if storage.dtype() != DType::F32 {
+        candle_core::bail!("{what}: only f32 is supported, got {:?}", storage.dtype());
+    }
+    let (start, end) =
+        layout
+            .contiguous_offsets()
+            .ok_or(candle_core::Error::RequiresContiguous {
+                op: "deepmad-kernel",
+            })?;
+    Ok(storage.as_cuda_slice_mut::<f32>()?.slice_mut(start..end))
+}
+
+/// One argument of a kernel launch.
+pub(crate) enum Arg<'a, 'b> {
+    Out(&'b mut CudaViewMut<'a, f32>),
+    In(&'b CudaView<'a, f32>),
+    U32(u32),
+    F32(f32),
+    I32(i32),
+}
+
+/// Launches kernel `name` over `n` elements with `args` in order.
+pub(crate) fn launch(
+    device: &CudaDevice,
+    name: &str,
+    n: usize,
+    args: &mut [Arg<'_, '_>],
+) -> candle_core::Result<()> {
+    let n = u32::try_from(n)
+        .map_err(|_| candle_core::Error::Msg(format!("{name}: {n} elements is too many")))?;
+    if n == 0 {
+        return Ok(());
+    }
+    let function = device.get_or_load_custom_func(name, MODULE, ptx()?)?;
+    let mut builder = function.builder();
+    for arg in args.iter_mut() {
+        match arg {
+            Arg::Out(view) => builder.arg(&mut **view),
+            Arg::In(view) => builder.arg(&**view),
+            Arg::U32(value) => builder.arg(&*value),
+            Arg::F32(value) => builder.arg(&*value),
+            Arg::I32(value) => builder.arg(&*value),
+        };
+    }
+    // Safety: every kernel in SOURCE takes exactly the arguments its caller passes, in order
+    // (pointers to `n` floats, then scalars), and guards its index with `i < n`.
+    unsafe { builder.launch(LaunchConfig::for_num_elems(n)) }
+        .map(|_| ())
+        .map_err(|error| candle_core::Error::Cuda(Box::new(error)))
+}

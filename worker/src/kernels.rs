@@ -1,0 +1,367 @@
+//! One process-wide switch between deepmad's implementations of the hot training layers and
+//! candle's stock ops, so that the stock path stays available for comparison and as a fallback.
+//!
+//! - [`Kernels::Deepmad`] (the default): convolutions as im2col + matrix products on the CPU
+//!   ([`crate::conv`]), through cuDNN in all three passes on CUDA ([`crate::cudnn`], with the
+//!   `cuda` feature); BatchNorm's training pass as one op with a written-out backward on the
+//!   CPU ([`crate::norm`]).
+//! - [`Kernels::Stock`]: candle's `Tensor::conv2d` and BatchNorm as plain tensor ops under
+//!   candle's autograd, on every device.
+//!
+//! Both compute the same functions (the tests compare them); only speed differs. `deepmad bench
+//! --kernels stock|deepmad|both` measures one against the other.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::{Device, Tensor, Var};
+
+/// Which implementation the hot layers use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Kernels {
+    #[default]
+    Deepmad,
+    Stock,
+}
+
+static CURRENT: AtomicU8 = AtomicU8::new(0);
+
+impl Kernels {
+    fn code(self) -> u8 {
+        match self {
+            Kernels::Deepmad => 0,
+            Kernels::Stock => 1,
+        }
+    }
+}
+
+/// Returns the implementation in use (deepmad's unless [`set`] chose otherwise).
+pub fn current() -> Kernels {
+    match CURRENT.load(Ordering::Relaxed) {
+        1 => Kernels::Stock,
+        _ => Kernels::Deepmad,
+    }
+}
+
+/// Chooses the implementation for the layers built or run from now on, in the whole process.
+pub fn set(kernels: Kernels) {
+    CURRENT.store(kernels.code(), Ordering::Relaxed);
+}
+
+impl fmt::Display for Kernels {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            Kernels::Deepmad => "deepmad",
+            Kernels::Stock => "stock",
+        })
+    }
+}
+
+impl FromStr for Kernels {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Kernels, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "deepmad" => Ok(Kernels::Deepmad),
+            "stock" | "candle" => Ok(Kernels::Stock),
+            other => Err(format!("expected deepmad or stock, got {other:?}")),
+        }
+    }
+}
+
+/// One convolution shape that [`check`] compares.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckCase {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub side: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub groups: usize,
+}
+
+impl fmt::Display for CheckCase {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            formatter,
+            "{}x{}x{s}x{s} -> {} k{} s{} p{} g{}",
+            self.batch,
+            self.in_channels,
+            self.out_channels,
+            self.kernel,
+            self.stride,
+            self.kernel / 2,
+            self.groups,
+            s = self.side
+        )
+    }
+}
+
+/// The shapes the network families use: dense kxk (stem, basic, bottleneck), 1x1 with and
+/// without stride (projections, MBConv expand / project), depthwise 3x3 and 5x5, odd sides.
+pub const CHECK_CASES: [CheckCase; 8] = [
+    case(4, 3, 16, 16, 3, 1, 1),
+    case(4, 16, 8, 16, 3, 1, 1),
+    case(3, 8, 9, 16, 3, 2, 1),
+    case(4, 16, 8, 32, 1, 1, 1),
+    case(4, 16, 8, 32, 1, 2, 1),
+    case(4, 24, 8, 24, 3, 1, 24),
+    case(2, 24, 11, 24, 5, 2, 24),
+    case(2, 3, 16, 8, 7, 2, 1),
+];
+
+const fn case(
+    batch: usize,
+    in_channels: usize,
+    side: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    groups: usize,
+) -> CheckCase {
+    CheckCase {
+        batch,
+        in_channels,
+        side,
+        out_channels,
+        kernel,
+        stride,
+        groups,
+    }
+}
+
+/// How far deepmad's convolution on a device is from candle's stock one on the CPU, for one
+/// case: the largest absolute difference over the largest reference magnitude, for the output
+/// and both gradients (of a fixed random linear function of the output).
+#[derive(Clone, Debug)]
+pub struct CheckRow {
+    /// The layer and shape, e.g. `conv 4x16x8x8 -> 16 k3 s1 p1 g1`.
+    pub case: String,
+    /// What was compared (`forward`, `input grad`, ...) and its relative error.
+    pub errors: Vec<(&'static str, f32)>,
+}
+
+impl CheckRow {
+    /// The largest relative error.
+    pub fn worst(&self) -> f32 {
+        self.errors
+            .iter()
+            .map(|(_, error)| *error)
+            .fold(0.0, f32::max)
+    }
+}
+
+/// The tolerance [`check`]'s relative errors must stay under on `device`: fp32 rounding on the
+/// CPU; on CUDA cuDNN may use TF32 tensor cores for fp32 (as PyTorch does by default), whose
+/// 10-bit mantissa gives errors near 1e-3.
+pub fn check_tolerance(device: &Device) -> f32 {
+    if device.is_cpu() {
+        1e-4
+    } else {
+        1e-2
+    }
+}
+
+/// Runs deepmad's convolution on `device` against candle's stock `conv2d` on the CPU for every
+/// case of [`CHECK_CASES`], and deepmad's BatchNorm training pass against the stock one, forward
+/// and backward. For BatchNorm, `grad_weight` is the larger of the weight's and the bias's.
+pub fn check(device: &Device) -> candle_core::Result<Vec<CheckRow>> {
+    let mut rows = CHECK_CASES
+        .iter()
+        .enumerate()
+        .map(|(index, case)| check_case(device, *case, index as u64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    for (index, shape) in [(8, 16, 8, 8), (2, 3, 5, 7)].into_iter().enumerate() {
+        rows.push(check_batch_norm(device, shape, 100 + index as u64)?);
+    }
+    rows.push(check_running_statistics(device)?);
+    Ok(rows)
+}
+
+/// Two training passes of a whole [`crate::norm::BatchNorm2d`] (the process's kernels) on
+/// `device` and on the CPU: the running mean and variance they leave must agree.
+fn check_running_statistics(device: &Device) -> candle_core::Result<CheckRow> {
+    use candle_core::ModuleT;
+    let shape = (6, 5, 4, 3);
+    let run = |device: &Device| -> candle_core::Result<[Tensor; 2]> {
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device);
+        let norm = crate::norm::BatchNorm2d::new(vb, shape.1, 0.1)?;
+        for seed in [200, 201] {
+            let xs = (pattern(shape, seed)?.to_device(device)? * 3.0)?;
+            norm.forward_t(&xs, true)?;
+        }
+        let data = varmap
+            .data()
+            .lock()
+            .expect("no panic while holding the lock");
+        let get = |name: &str| -> candle_core::Result<Tensor> {
+            data.get(name)
+                .ok_or_else(|| candle_core::Error::Msg(format!("no {name}")))?
+                .as_tensor()
+                .to_device(&Device::Cpu)
+        };
+        Ok([get("running_mean")?, get("running_var")?])
+    };
+    let ours = run(device)?;
+    let reference = run(&Device::Cpu)?;
+    Ok(CheckRow {
+        case: format!(
+            "batchnorm running stats {}x{}x{}x{}",
+            shape.0, shape.1, shape.2, shape.3
+        ),
+        errors: vec![
+            ("mean", relative_error(&ours[0], &reference[0])?),
+            ("variance", relative_error(&ours[1], &reference[1])?),
+        ],
+    })
+}
+
+fn check_batch_norm(
+    device: &Device,
+    shape: (usize, usize, usize, usize),
+    seed: u64,
+) -> candle_core::Result<CheckRow> {
+    let input = pattern(shape, seed)?;
+    let affine = pattern((2, shape.1, 1, 1), seed + 1)?.reshape((2, shape.1))?;
+    let run = |kernels: Kernels, device: &Device| -> candle_core::Result<[Tensor; 4]> {
+        let xs = Var::from_tensor(&input.to_device(device)?)?;
+        let weight = Var::from_tensor(&(affine.get(0)?.to_device(device)? + 1.5)?)?;
+        let bias = Var::from_tensor(&affine.get(1)?.to_device(device)?)?;
+        let (ys, _) = crate::norm::train_batch_norm(
+            kernels,
+            xs.as_tensor(),
+            weight.as_tensor(),
+            bias.as_tensor(),
+        )?;
+        let probe = pattern(shape, seed + 2)?.to_device(device)?;
+        let grads = (&ys * &probe)?.sum_all()?.backward()?;
+        let missing = || candle_core::Error::Msg("batch norm check: no gradient".into());
+        let grad = |var: &Var| -> candle_core::Result<Tensor> {
+            grads
+                .get(var.as_tensor())
+                .ok_or_else(missing)?
+                .to_device(&Device::Cpu)
+        };
+        Ok([
+            ys.to_device(&Device::Cpu)?,
+            grad(&xs)?,
+            grad(&weight)?,
+            grad(&bias)?,
+        ])
+    };
+    let ours = run(Kernels::Deepmad, device)?;
+    let reference = run(Kernels::Stock, &Device::Cpu)?;
+    Ok(CheckRow {
+        case: format!("batchnorm {}x{}x{}x{}", shape.0, shape.1, shape.2, shape.3),
+        errors: vec![
+            ("forward", relative_error(&ours[0], &reference[0])?),
+            ("input grad", relative_error(&ours[1], &reference[1])?),
+            ("weight grad", relative_error(&ours[2], &reference[2])?),
+            ("bias grad", relative_error(&ours[3], &reference[3])?),
+        ],
+    })
+}
+
+fn check_case(device: &Device, case: CheckCase, seed: u64) -> candle_core::Result<CheckRow> {
+    let padding = case.kernel / 2;
+    let input_shape = (case.batch, case.in_channels, case.side, case.side);
+    let weight_shape = (
+        case.out_channels,
+        case.in_channels / case.groups,
+        case.kernel,
+        case.kernel,
+    );
+    let input = pattern(input_shape, seed * 3 + 1)?;
+    let weight = pattern(weight_shape, seed * 3 + 2)?;
+    let run = |kernels: Kernels, device: &Device| -> candle_core::Result<[Tensor; 3]> {
+        let xs = Var::from_tensor(&input.to_device(device)?)?;
+        let ws = Var::from_tensor(&weight.to_device(device)?)?;
+        let ys = crate::conv::conv2d_with(
+            kernels,
+            xs.as_tensor(),
+            ws.as_tensor(),
+            case.stride,
+            padding,
+            case.groups,
+        )?;
+        let probe = pattern(ys.dims4()?, seed * 3 + 3)?.to_device(device)?;
+        let grads = (&ys * &probe)?.sum_all()?.backward()?;
+        let missing = || candle_core::Error::Msg("convolution check: no gradient".into());
+        let grad_input = grads.get(xs.as_tensor()).ok_or_else(missing)?.clone();
+        let grad_weight = grads.get(ws.as_tensor()).ok_or_else(missing)?.clone();
+        let cpu = Device::Cpu;
+        Ok([
+            ys.to_device(&cpu)?,
+            grad_input.to_device(&cpu)?,
+            grad_weight.to_device(&cpu)?,
+        ])
+    };
+    let ours = run(Kernels::Deepmad, device)?;
+    let reference = run(Kernels::Stock, &Device::Cpu)?;
+    Ok(CheckRow {
+        case: format!("conv {case}"),
+        errors: vec![
+            ("forward", relative_error(&ours[0], &reference[0])?),
+            ("input grad", relative_error(&ours[1], &reference[1])?),
+            ("weight grad", relative_error(&ours[2], &reference[2])?),
+        ],
+    })
+}
+
+/// A fixed pseudo-random pattern in [-1, 1) on the CPU (no RNG state involved).
+fn pattern(shape: (usize, usize, usize, usize), seed: u64) -> candle_core::Result<Tensor> {
+    let count = shape.0 * shape.1 * shape.2 * shape.3;
+    let values: Vec<f32> = (0..count as u64)
+        .map(|i| {
+            let x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (seed + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            let x = (x ^ (x >> 31)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
+}
+
+fn relative_error(ours: &Tensor, reference: &Tensor) -> candle_core::Result<f32> {
+    let difference = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = reference.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(difference / scale.max(1e-6))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_names() {
+        assert_eq!("deepmad".parse::<Kernels>().unwrap(), Kernels::Deepmad);
+        assert_eq!("Stock".parse::<Kernels>().unwrap(), Kernels::Stock);
+        assert_eq!("candle".parse::<Kernels>().unwrap(), Kernels::Stock);
+        assert!("fast".parse::<Kernels>().is_err());
+        assert_eq!(Kernels::default(), Kernels::Deepmad);
+    }
+
+    #[test]
+    fn deepmad_convolutions_match_candle_on_the_cpu() {
+        let device = Device::Cpu;
+        let tolerance = check_tolerance(&device);
+        for row in check(&device).unwrap() {
+            assert!(row.worst() < tolerance, "{}: {:?}", row.case, row.errors);
+        }
+    }
+
+    /// Runs only in a `cuda` build on a machine with a GPU (`deepmad bench --check` runs the same
+    /// comparison from the release binary).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cudnn_convolutions_match_candle() {
+        let device = Device::new_cuda(0).expect("a CUDA device (this test needs a GPU)");
+        let tolerance = check_tolerance(&device);
+        for row in check(&device).unwrap() {
+            assert!(row.worst() < tolerance, "{}: {:?}", row.case, row.errors);
+        }
+    }
+}
