@@ -28,6 +28,9 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Trains one network on one dataset, without a coordinator, with a progress bar.
     Train(TrainArgs),
+    /// Measures training throughput of designs on a device (deepmad's kernels vs candle's), or
+    /// checks deepmad's convolutions against candle's with --check.
+    Bench(BenchArgs),
     /// Creates, lists, shows, cancels, watches or retries sweeps on a coordinator.
     Sweep {
         #[command(subcommand)]
@@ -174,6 +177,38 @@ pub struct TrainArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Prints the result (every epoch's metrics, hashes) as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// deepmad architecture JSON files (bench/designs/ has the reference networks) or built-in
+    /// networks (1000 classes, 224x224).
+    pub designs: Vec<String>,
+    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    pub batch: Vec<usize>,
+    /// Timed training steps per measurement.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first (allocations, cuDNN plans, caches).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// deepmad (the default), stock (candle's own ops) or both.
+    #[arg(long, default_value = "deepmad")]
+    pub kernels: String,
+    /// Threads of candle's CPU kernels (sets CANDLE_NUM_THREADS).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Instead of timing: compares deepmad's convolutions on the device with candle's on the
+    /// CPU, forward and gradients, on the shapes the block families use; exits 1 on a mismatch.
+    #[arg(long)]
+    pub check: bool,
+    /// One JSON object per measurement (what bench/compare.py reads).
     #[arg(long)]
     pub json: bool,
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the option parsing they share.
 
 pub mod analyze;
+pub mod bench;
 pub mod coordinator;
 pub mod design;
 pub mod remote;

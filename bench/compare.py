@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Runs candle (`deepmad bench`) and PyTorch (`bench/torch_bench.py`) on the same designs, on
+the same device, in one run, and prints images/s and the ratios as a Markdown table.
+
+  python3 bench/compare.py --deepmad target/release/deepmad --device cpu --threads 2 \
+      --batch 128,512 --steps 10 bench/designs/*.json
+
+Each side prints JSON lines; they are joined on (design, batch). The raw lines are kept with
+--raw FILE. PyTorch must be importable (see bench/README.md); --no-torch measures candle only.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_lines(command, env=None):
+    print("$ " + " ".join(command), file=sys.stderr, flush=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"command failed with status {done.returncode}: {' '.join(command)}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("designs", nargs="*", help="deepmad architecture JSON files")
+    parser.add_argument("--deepmad", default="target/release/deepmad",
+                        help="the deepmad binary (a command line: a wrapper may come first)")
+    parser.add_argument("--python", default=sys.executable, help="Python with PyTorch")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch", default="128", help="comma-separated batch sizes")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="CPU threads for both frameworks")
+    parser.add_argument("--kernels", default="both", help="deepmad, stock or both")
+    parser.add_argument("--no-torch", action="store_true", help="measure candle only")
+    parser.add_argument("--raw", help="also write every JSON line to this file")
+    parser.add_argument("--from", dest="sources", nargs="+", metavar="JSONL",
+                        help="measure nothing: tabulate JSON lines saved earlier (by --raw, "
+                             "`deepmad bench --json` or `torch_bench.py --json`)")
+    args = parser.parse_args()
+    if args.sources:
+        rows = [json.loads(line) for source in args.sources
+                for line in Path(source).read_text().splitlines() if line.startswith("{")]
+        print_table(rows, args)
+        return
+    if not args.designs:
+        parser.error("name design files (or --from JSONL files to tabulate)")
+
+    common = ["--device", args.device, "--batch", args.batch, "--steps", str(args.steps),
+              "--warmup", str(args.warmup)]
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    rows = run_lines([*shlex.split(args.deepmad), "bench", *args.designs, *common, *threads,
+                      "--kernels", args.kernels, "--json"])
+    if not args.no_torch:
+        device = "cuda" if args.device.startswith("cuda") else "cpu"
+        torch_common = ["--device", device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        for batch in args.batch.split(","):
+            torch_common += ["--batch", batch]
+        designs = [arg for design in args.designs for arg in ("--design", design)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        rows += run_lines([args.python, str(HERE / "torch_bench.py"), *designs, *torch_common,
+                           *threads, "--mode", "all", "--json"], env=env)
+    if args.raw:
+        Path(args.raw).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print_table(rows, args)
+
+
+def print_table(rows, args):
+    def column(row):
+        if row["framework"] == "candle":
+            return f"candle {row['kernels']}"
+        return f"pytorch {row['mode']}"
+
+    table = {}
+    columns = []
+    params = {}
+    for row in rows:
+        key = (row["design"], int(row["batch"]))
+        table.setdefault(key, {})[column(row)] = row["images_per_s"]
+        params.setdefault(row["design"], {})[row["framework"]] = row["params"]
+        if column(row) not in columns:
+            columns.append(column(row))
+    header = ["design", "batch", *columns]
+    ratios = []
+    if "candle deepmad" in columns and "pytorch fp32" in columns:
+        ratios.append(("deepmad / pytorch fp32", "candle deepmad", "pytorch fp32"))
+    if "candle deepmad" in columns and "pytorch bf16-cl" in columns:
+        ratios.append(("deepmad / pytorch bf16-cl", "candle deepmad", "pytorch bf16-cl"))
+    if "candle deepmad" in columns and "candle stock" in columns:
+        ratios.append(("deepmad / stock", "candle deepmad", "candle stock"))
+    header += [name for name, _, _ in ratios]
+    devices = sorted({row["device"] for row in rows})
+    steps = sorted({row["steps"] for row in rows})
+    print(f"device {', '.join(devices)}; timed steps {', '.join(map(str, steps))}; "
+          "images/s (fp32 unless named)")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for (design, batch), values in sorted(table.items()):
+        cells = [design, str(batch)]
+        cells += [f"{values[c]:,.1f}" if c in values else "-" for c in columns]
+        for _, top, bottom in ratios:
+            if top in values and bottom in values and values[bottom] > 0:
+                cells.append(f"{values[top] / values[bottom]:.2f}x")
+            else:
+                cells.append("-")
+        print("| " + " | ".join(cells) + " |")
+    for design, counts in sorted(params.items()):
+        if len(set(counts.values())) > 1:
+            print(f"warning: {design}: parameter counts differ: {counts}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
