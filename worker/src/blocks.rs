@@ -64,14 +64,7 @@ impl ModuleT for ConvBn {
     }
 }
 
-/// Applies the network's activation.
-pub fn activate(xs: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
-    match activation {
-        Activation::Relu => xs.relu(),
-        Activation::Relu6 => xs.relu()?.minimum(6.0),
-        Activation::Silu => xs.silu(),
-    }
-}
+pub use crate::activation::activate;
 
 /// Squeeze-excitation as torchvision's `SqueezeExcitation`: global average pool, 1x1 conv
 /// (with bias) to `squeeze` channels, activation, 1x1 conv back, sigmoid, channel scaling.

@@ -1,6 +1,6 @@
 //! deepmad's own CUDA kernels, for the elementwise work where a chain of candle ops would cost a
-//! kernel launch and an allocation per op: the fused SGD update ([`crate::optim`]) and the
-//! BatchNorm running statistics ([`crate::cudnn`]).
+//! kernel launch and an allocation per op: the fused SGD update ([`crate::optim`]), the
+//! BatchNorm running statistics ([`crate::cudnn`]) and the activations ([`crate::activation`]).
 //!
 //! The kernels are CUDA C below, compiled once per process by NVRTC (which candle's CUDA backend
 //! already links) and loaded through candle's module cache, so a CUDA build needs no extra build
@@ -57,6 +57,33 @@ extern "C" __global__ void deepmad_running_var(
     running[i] = running[i] * (1.0f - momentum) + variance * unbias * momentum;
   }
 }
+
+#define DEEPMAD_ELEMENTWISE(name, expression)                                      \
+  extern "C" __global__ void name(float* out, const float* x, unsigned int n) {    \
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;           \
+         i += blockDim.x * gridDim.x) {                                            \
+      float v = x[i];                                                              \
+      out[i] = (expression);                                                       \
+    }                                                                              \
+  }
+#define DEEPMAD_GRADIENT(name, expression)                                         \
+  extern "C" __global__ void name(float* out, const float* x, const float* g,      \
+                                  unsigned int n) {                                \
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;           \
+         i += blockDim.x * gridDim.x) {                                            \
+      float v = x[i];                                                              \
+      float d = g[i];                                                              \
+      out[i] = (expression);                                                       \
+    }                                                                              \
+  }
+
+DEEPMAD_ELEMENTWISE(deepmad_relu, fmaxf(v, 0.0f))
+DEEPMAD_ELEMENTWISE(deepmad_relu6, fminf(fmaxf(v, 0.0f), 6.0f))
+DEEPMAD_ELEMENTWISE(deepmad_silu, v / (1.0f + expf(-v)))
+DEEPMAD_GRADIENT(deepmad_relu_backward, v > 0.0f ? d : 0.0f)
+DEEPMAD_GRADIENT(deepmad_relu6_backward, (v > 0.0f && v < 6.0f) ? d : 0.0f)
+DEEPMAD_GRADIENT(deepmad_silu_backward,
+                 d * (1.0f / (1.0f + expf(-v))) * (1.0f + v * (1.0f - 1.0f / (1.0f + expf(-v)))))
 "#;
 
 /// The PTX of [`SOURCE`], compiled on first use.

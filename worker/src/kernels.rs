@@ -177,7 +177,42 @@ pub fn check(device: &Device) -> candle_core::Result<Vec<CheckRow>> {
         rows.push(check_batch_norm(device, shape, 100 + index as u64)?);
     }
     rows.push(check_running_statistics(device)?);
+    for activation in [
+        deepmad_design::Activation::Relu,
+        deepmad_design::Activation::Relu6,
+        deepmad_design::Activation::Silu,
+    ] {
+        rows.push(check_activation(device, activation)?);
+    }
     Ok(rows)
+}
+
+fn check_activation(
+    device: &Device,
+    activation: deepmad_design::Activation,
+) -> candle_core::Result<CheckRow> {
+    let shape = (3, 4, 7, 5);
+    // Values in [-8, 8): both kinks of ReLU6 and SiLU's tails are covered.
+    let input = (pattern(shape, 300)? * 8.0)?;
+    let run = |kernels: Kernels, device: &Device| -> candle_core::Result<[Tensor; 2]> {
+        let xs = Var::from_tensor(&input.to_device(device)?)?;
+        let ys = crate::activation::activate_with(kernels, xs.as_tensor(), activation)?;
+        let probe = pattern(shape, 301)?.to_device(device)?;
+        let grads = (&ys * &probe)?.sum_all()?.backward()?;
+        let grad = grads
+            .get(xs.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("activation check: no gradient".into()))?;
+        Ok([ys.to_device(&Device::Cpu)?, grad.to_device(&Device::Cpu)?])
+    };
+    let ours = run(Kernels::Deepmad, device)?;
+    let reference = run(Kernels::Stock, &Device::Cpu)?;
+    Ok(CheckRow {
+        case: format!("activation {activation:?}").to_lowercase(),
+        errors: vec![
+            ("forward", relative_error(&ours[0], &reference[0])?),
+            ("input grad", relative_error(&ours[1], &reference[1])?),
+        ],
+    })
 }
 
 /// Two training passes of a whole [`crate::norm::BatchNorm2d`] (the process's kernels) on

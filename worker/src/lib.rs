@@ -17,6 +17,7 @@
 //! [`client`] is the coordinator client loop: it registers, leases trials, drives [`train`] on
 //! a blocking thread while heartbeating, and reports results without ever dropping one.
 
+pub mod activation;
 pub mod blocks;
 pub mod checkpoint;
 pub mod client;
