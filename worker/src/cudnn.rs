@@ -830,7 +830,7 @@ fn with_raw_batch_norm(
             }
         };
         let key = [n, c, h, w];
-        if !state.descriptors.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = state.descriptors.entry(key) {
             let int = |value: usize| value as std::ffi::c_int;
             let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
             let float = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
@@ -843,7 +843,7 @@ fn with_raw_batch_norm(
                 result::set_tensor4d_descriptor(params, nchw, float, [1, int(c), 1, 1])
                     .map_err(cudnn_error)?;
             }
-            state.descriptors.insert(key, (data, params));
+            slot.insert((data, params));
         }
         let (data, params) = state.descriptors[&key];
         launch(state.handle, data, params)
