@@ -273,3 +273,70 @@ fn bad_input_exits_2_with_a_clear_message() {
     );
     assert_bad_input(&["frobnicate"], "unrecognized subcommand");
 }
+
+fn repo_file(path: &str) -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.join(path).to_string_lossy().into_owned()
+}
+
+/// `deepmad bench` measures both kernel sets on a reference design and prints one JSON line
+/// each, with the design's parameter count and the phase split.
+#[test]
+fn bench_measures_both_kernel_sets() {
+    let design = repo_file("bench/designs/resnet20.json");
+    let args = [
+        "bench",
+        &design,
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--kernels",
+        "both",
+        "--threads",
+        "1",
+        "--json",
+    ];
+    let text = stdout(&deepmad(&args));
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    let kernels: Vec<&str> = rows
+        .iter()
+        .map(|r| r["kernels"].as_str().unwrap())
+        .collect();
+    assert_eq!(kernels, ["stock", "deepmad"]);
+    for row in &rows {
+        assert_eq!(row["design"], "resnet20");
+        assert_eq!(row["params"], 272_474);
+        assert_eq!(row["batch"], 2);
+        assert!(row["images_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["backward_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+}
+
+/// `deepmad bench --check` compares every deepmad kernel with candle's on the CPU.
+#[test]
+fn bench_check_passes_on_the_cpu() {
+    let text = stdout(&deepmad(&["bench", "--check"]));
+    assert!(text.contains("conv 4x24x8x8 -> 24 k3 s1 p1 g24"), "{text}");
+    assert!(text.contains("batchnorm running stats"), "{text}");
+    assert!(text.contains("activation silu"), "{text}");
+    assert!(text.contains("all 14 checks passed"), "{text}");
+}
+
+#[test]
+fn bench_bad_input_exits_2() {
+    let design = repo_file("bench/designs/resnet20.json");
+    assert_bad_input(&["bench"], "name at least one design");
+    assert_bad_input(
+        &["bench", "no-such-net"],
+        "neither a file nor a built-in network",
+    );
+    assert_bad_input(&["bench", &design, "--kernels", "fast"], "--kernels");
+    assert_bad_input(&["bench", &design, "--batch", "0"], "--batch");
+    assert_bad_input(&["bench", &design, "--device", "tpu"], "--device");
+}
