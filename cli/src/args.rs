@@ -28,6 +28,8 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Trains one network on one dataset, without a coordinator, with a progress bar.
     Train(TrainArgs),
+    /// Writes a design as a PyTorch module, a TinyNAS structure or deepmad JSON.
+    Export(ExportArgs),
     /// Measures training throughput of designs on a device (deepmad's kernels vs candle's), or
     /// checks deepmad's convolutions against candle's with --check.
     Bench(BenchArgs),
@@ -179,6 +181,34 @@ pub struct TrainArgs {
     /// Prints the result (every epoch's metrics, hashes) as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// A built-in network, a deepmad architecture JSON file, or a TinyNAS structure file
+    /// (holding one network).
+    pub design: String,
+    /// pytorch: a self-contained Python file with an nn.Module (no deepmad needed); tinynas:
+    /// the paper code's structure; json: deepmad's canonical architecture JSON.
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// Input resolution (default: the file's own; 224 for built-in and TinyNAS networks).
+    #[arg(long)]
+    pub resolution: Option<u32>,
+    /// Classes of the classifier (default: the file's own; 1000 for built-in and TinyNAS).
+    #[arg(long)]
+    pub num_classes: Option<u32>,
+    /// Writes to this file (atomically) instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// What `deepmad export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    Pytorch,
+    Tinynas,
+    Json,
 }
 
 #[derive(Debug, clap::Args)]

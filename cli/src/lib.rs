@@ -64,6 +64,7 @@ pub async fn run(
         Command::Worker(worker) => commands::worker::run(&worker, out, shutdown).await,
         Command::Train(train) => commands::train::run(&train, out, shutdown).await,
         Command::Bench(bench) => commands::bench::run(&bench, out),
+        Command::Export(export) => commands::export::run(&export, out),
         Command::Sweep { command } => commands::sweep::run(&command, out).await,
         Command::Leaderboard(leaderboard) => {
             commands::results::leaderboard(&leaderboard, out).await

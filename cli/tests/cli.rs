@@ -340,3 +340,94 @@ fn bench_bad_input_exits_2() {
     assert_bad_input(&["bench", &design, "--batch", "0"], "--batch");
     assert_bad_input(&["bench", &design, "--device", "tpu"], "--device");
 }
+
+/// The Python that export tests use: `DEEPMAD_TEST_PYTHON`, else `python3`.
+fn python() -> String {
+    std::env::var("DEEPMAD_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs `code` with the test Python; `None` when that Python (or a module it imports) is
+/// missing, so the caller can skip with a message.
+fn run_python(code: &str) -> Option<String> {
+    let output = Command::new(python()).args(["-c", code]).output().ok()?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if stderr.contains("ModuleNotFoundError") {
+            return None;
+        }
+        panic!("python failed: {stderr}");
+    }
+    Some(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[test]
+fn export_json_and_tinynas() {
+    let design = repo_file("bench/designs/resnet20.json");
+    let text = stdout(&deepmad(&["export", &design, "--format", "json"]));
+    let network = deepmad_design::Network::from_json(text.trim()).expect("IR JSON");
+    assert_eq!(text.trim(), network.canonical_json());
+    let bottleneck = repo_file("bench/designs/bottleneck.json");
+    let tinynas = stdout(&deepmad(&["export", &bottleneck, "--format", "tinynas"]));
+    assert!(tinynas.contains("SuperResK1KXK1"), "{tinynas}");
+    assert_bad_input(
+        &["export", &design, "--format", "tinynas"],
+        "cannot be expressed as a TinyNAS structure",
+    );
+    assert_bad_input(
+        &["export", "no-such-net", "--format", "json"],
+        "neither a built-in",
+    );
+}
+
+/// The exported PyTorch file names the design, is valid Python, and (where PyTorch is
+/// installed) builds a module with the design's parameter count and exactly the worker's
+/// parameter and BatchNorm buffer names.
+#[test]
+fn export_pytorch_builds_the_workers_network() {
+    let dir = tempfile::tempdir().unwrap();
+    for (design, params) in [
+        (repo_file("bench/designs/resnet20.json"), 272_474u64),
+        (repo_file("bench/designs/bottleneck.json"), 599_418),
+        (repo_file("bench/designs/mbconv-se.json"), 597_480),
+    ] {
+        let file = dir.path().join("net.py");
+        let file_arg = file.to_string_lossy().into_owned();
+        stdout(&deepmad(&[
+            "export", &design, "--format", "pytorch", "--out", &file_arg,
+        ]));
+        let text = std::fs::read_to_string(&file).unwrap();
+        let network =
+            deepmad_design::Network::from_json(&std::fs::read_to_string(&design).unwrap()).unwrap();
+        assert!(text.contains(&network.content_hash()));
+        assert!(text.contains(&format!("PARAMS = {params}")));
+        let syntax = format!("import ast; ast.parse(open({file_arg:?}).read()); print('ok')");
+        let Some(ok) = run_python(&syntax) else {
+            eprintln!("skipping: no {} to parse the export with", python());
+            return;
+        };
+        assert_eq!(ok.trim(), "ok");
+        let names = format!(
+            "import importlib.util, json\n\
+             spec = importlib.util.spec_from_file_location('net', {file_arg:?})\n\
+             net = importlib.util.module_from_spec(spec); spec.loader.exec_module(net)\n\
+             model = net.build_model()\n\
+             count = sum(p.numel() for p in model.parameters())\n\
+             names = sorted(k for k in model.state_dict() if not k.endswith('num_batches_tracked'))\n\
+             print(json.dumps({{'params': count, 'names': names}}))"
+        );
+        let Some(output) = run_python(&names) else {
+            eprintln!(
+                "skipping the PyTorch build: PyTorch is not installed for {}",
+                python()
+            );
+            return;
+        };
+        let value: serde_json::Value = serde_json::from_str(output.trim()).unwrap();
+        assert_eq!(value["params"], params);
+        let model =
+            deepmad_worker::Model::build(&network, 0, 0.1, &candle_core::Device::Cpu).unwrap();
+        let expected: Vec<String> = model.named_vars().into_iter().map(|v| v.name).collect();
+        let got: Vec<String> = serde_json::from_value(value["names"].clone()).unwrap();
+        assert_eq!(got, expected, "{design}");
+    }
+}

@@ -67,7 +67,7 @@ pub fn analysis_json(name: &str, net: &Network, analysis: &Analysis) -> serde_js
 }
 
 /// Returns a built-in network by name, else the contents of a file (with its path).
-fn load(network: &str) -> Result<(Source, Option<&Path>), Failure> {
+pub(crate) fn load(network: &str) -> Result<(Source, Option<&Path>), Failure> {
     let normalized = network.to_ascii_lowercase().replace(['-', '_'], "");
     if classic::NAMES
         .iter()

@@ -87,7 +87,7 @@ pub fn solution_json(problem: &Problem, solution: &Solution, solve_ms: f64) -> s
 }
 
 /// Writes `text` to a temporary file beside `path`, then renames it: never half-written.
-fn write_atomically(path: &Path, text: &str) -> Result<(), Failure> {
+pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<(), Failure> {
     let fail =
         |error: std::io::Error| Failure::usage(format!("cannot write {}: {error}", path.display()));
     let temporary = path.with_extension("tmp-deepmad");

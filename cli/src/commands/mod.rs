@@ -4,6 +4,7 @@ pub mod analyze;
 pub mod bench;
 pub mod coordinator;
 pub mod design;
+pub mod export;
 pub mod remote;
 pub mod results;
 pub mod run;
