@@ -4,14 +4,15 @@
 //! with a naive `conv_transpose2d` loop (CPU and CUDA), and a grouped convolution as one
 //! convolution per group, so a depthwise 3x3 on 96 channels is 96 tiny convolutions forward and
 //! backward. Here, with [`crate::kernels::Kernels::Deepmad`]:
-//! - dense convolutions on the CPU: [`DenseConv`], per image an im2col into a per-thread
+//! - dense convolutions on the CPU: `DenseConv`, per image an im2col into a per-thread
 //!   scratch buffer and one matrix product with the `(out, in * k * k)` weight (the gemm crate
 //!   candle uses, single-threaded, images spread over the threads); the backward pass is two
 //!   products and a col2im per image, the weight gradient accumulated per thread;
-//! - depthwise convolutions on the CPU: [`DepthwiseConv`], a direct loop per (image, channel)
+//! - depthwise convolutions on the CPU: `DepthwiseConv`, a direct loop per (image, channel)
 //!   plane and tap, forward and backward, with no columns;
 //! - every convolution on CUDA (with the `cuda` feature): cuDNN in all three passes
-//!   ([`crate::cudnn`]);
+//!   (`cudnn.rs`); with `DEEPMAD_DEPTHWISE=deepmad`, depthwise ones go to deepmad's own
+//!   kernels instead (not yet run on a GPU, see `own_depthwise_kernels`);
 //! - other devices or types: candle's `conv2d` for dense, the columns as tensor ops times the
 //!   taps as a batched product for depthwise.
 //!
@@ -102,6 +103,13 @@ pub fn conv2d_with(
     }
     #[cfg(feature = "cuda")]
     if xs.device().is_cuda() {
+        let depthwise = groups > 1 && groups == channels && out_channels == channels;
+        if depthwise && xs.dtype() == candle_core::DType::F32 && own_depthwise_kernels() {
+            // deepmad's own kernels (cuda_kernels.rs), as PyTorch uses its own for fp32.
+            return xs
+                .contiguous()?
+                .apply_op2(&weight.contiguous()?, DepthwiseConv(windows));
+        }
         return crate::cudnn::conv2d(xs, weight, stride, padding, groups);
     }
     let cpu_f32 = xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32;
@@ -434,6 +442,33 @@ struct DepthwiseConv(Windows);
 #[derive(Clone, Copy, Debug)]
 struct DepthwiseBackward(Windows);
 
+/// `DEEPMAD_DEPTHWISE=deepmad` sends fp32 depthwise convolutions on CUDA to deepmad's own kernels
+/// (`cuda_kernels.rs`) instead of cuDNN. Opt-in because those kernels have not run on a GPU yet:
+/// no device time was left after they were written. `bench/gpu_check.sh` checks them against
+/// candle's ops and times both; make them the default once it passes and they are faster.
+#[cfg(feature = "cuda")]
+fn own_depthwise_kernels() -> bool {
+    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| std::env::var("DEEPMAD_DEPTHWISE").is_ok_and(|value| value == "deepmad"))
+}
+
+/// The shape arguments of the depthwise CUDA kernels: N, C, H, W, Ho, Wo, K, S, P.
+#[cfg(feature = "cuda")]
+fn depthwise_dims(w: &Windows) -> [i32; 9] {
+    [
+        w.batch,
+        w.channels,
+        w.height,
+        w.width,
+        w.out_height(),
+        w.out_width(),
+        w.kernel,
+        w.stride,
+        w.padding,
+    ]
+    .map(|value| value as i32)
+}
+
 /// Calls `visit(out_row, in_row, out_x_lo..out_x_hi, in_x_first)` for every output row a
 /// tap `(ky, kx)` reaches, so that out column `ox` reads in column
 /// `in_x_first + (ox - out_x_lo) * stride`.
@@ -496,6 +531,31 @@ impl CustomOp2 for DepthwiseConv {
         Ok((CpuStorage::F32(ys), shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xs_layout: &Layout,
+        weight: &candle_core::CudaStorage,
+        weight_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda_kernels::{f32_view, launch, Arg};
+        let w = self.0;
+        let device = xs.device.clone();
+        let input = f32_view(xs, xs_layout, "depthwise input")?;
+        let filter = f32_view(weight, weight_layout, "depthwise weight")?;
+        let shape: Shape = (w.batch, w.channels, w.out_height(), w.out_width()).into();
+        let n = shape.elem_count();
+        // Safety: the kernel writes every output element.
+        #[allow(unsafe_code)]
+        let mut ys = unsafe { device.alloc::<f32>(n)? };
+        let mut out = ys.slice_mut(..);
+        let mut args = vec![Arg::Out(&mut out), Arg::In(&input), Arg::In(&filter)];
+        args.extend(depthwise_dims(&w).iter().map(|d| Arg::I32(*d)));
+        launch(&device, "deepmad_depthwise_forward", n, &mut args)?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(ys, device), shape))
+    }
+
     fn bwd(
         &self,
         xs: &Tensor,
@@ -517,6 +577,62 @@ impl CustomOp2 for DepthwiseConv {
 impl CustomOp3 for DepthwiseBackward {
     fn name(&self) -> &'static str {
         "deepmad-depthwise-conv2d-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xs_layout: &Layout,
+        weight: &candle_core::CudaStorage,
+        weight_layout: &Layout,
+        grad_ys: &candle_core::CudaStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda_kernels::{f32_view, launch, launch_with, Arg};
+        let w = self.0;
+        let device = xs.device.clone();
+        let input = f32_view(xs, xs_layout, "depthwise input")?;
+        let filter = f32_view(weight, weight_layout, "depthwise weight")?;
+        let grad_ys = f32_view(grad_ys, grad_layout, "depthwise output gradient")?;
+        let count = w.batch * w.channels * w.height * w.width;
+        let taps = w.channels * w.kernel * w.kernel;
+        // Safety: the two kernels write every element (the input gradient, then the taps').
+        #[allow(unsafe_code)]
+        let mut grads = unsafe { device.alloc::<f32>(count + taps)? };
+        let dims = depthwise_dims(&w);
+        {
+            let mut out = grads.slice_mut(0..count);
+            let mut args = vec![Arg::Out(&mut out), Arg::In(&grad_ys), Arg::In(&filter)];
+            args.extend(dims.iter().map(|d| Arg::I32(*d)));
+            launch(
+                &device,
+                "deepmad_depthwise_backward_input",
+                count,
+                &mut args,
+            )?;
+        }
+        {
+            let mut out = grads.slice_mut(count..count + taps);
+            let mut args = vec![Arg::Out(&mut out), Arg::In(&grad_ys), Arg::In(&input)];
+            args.extend(dims.iter().map(|d| Arg::I32(*d)));
+            let config = cudarc::driver::LaunchConfig {
+                grid_dim: (taps as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch_with(
+                &device,
+                "deepmad_depthwise_backward_weight",
+                config,
+                &mut args,
+            )?;
+        }
+        let shape = Shape::from(count + taps);
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(grads, device),
+            shape,
+        ))
     }
 
     fn cpu_fwd(

@@ -77,6 +77,94 @@ extern "C" __global__ void deepmad_running_var(
     }                                                                              \
   }
 
+// Depthwise convolution, NCHW input, (C, 1, K, K) filter, stride S, padding P. PyTorch also
+// computes fp32 depthwise convolutions with its own kernels rather than cuDNN's.
+extern "C" __global__ void deepmad_depthwise_forward(
+    float* y, const float* x, const float* w, int N, int C, int H, int W, int Ho, int Wo,
+    int K, int S, int P) {
+  long long total = (long long)N * C * Ho * Wo;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)blockDim.x * gridDim.x) {
+    int ox = (int)(i % Wo);
+    int oy = (int)((i / Wo) % Ho);
+    long long plane = i / ((long long)Wo * Ho);
+    int c = (int)(plane % C);
+    const float* xp = x + plane * H * W;
+    const float* wp = w + (long long)c * K * K;
+    float acc = 0.0f;
+    for (int ky = 0; ky < K; ++ky) {
+      int iy = oy * S - P + ky;
+      if (iy < 0 || iy >= H) continue;
+      for (int kx = 0; kx < K; ++kx) {
+        int ix = ox * S - P + kx;
+        if (ix < 0 || ix >= W) continue;
+        acc += wp[ky * K + kx] * xp[iy * W + ix];
+      }
+    }
+    y[i] = acc;
+  }
+}
+
+extern "C" __global__ void deepmad_depthwise_backward_input(
+    float* dx, const float* dy, const float* w, int N, int C, int H, int W, int Ho, int Wo,
+    int K, int S, int P) {
+  long long total = (long long)N * C * H * W;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)blockDim.x * gridDim.x) {
+    int ix = (int)(i % W);
+    int iy = (int)((i / W) % H);
+    long long plane = i / ((long long)W * H);
+    int c = (int)(plane % C);
+    const float* gp = dy + plane * Ho * Wo;
+    const float* wp = w + (long long)c * K * K;
+    float acc = 0.0f;
+    for (int ky = 0; ky < K; ++ky) {
+      int ty = iy + P - ky;
+      if (ty < 0 || ty % S != 0) continue;
+      int oy = ty / S;
+      if (oy >= Ho) continue;
+      for (int kx = 0; kx < K; ++kx) {
+        int tx = ix + P - kx;
+        if (tx < 0 || tx % S != 0) continue;
+        int ox = tx / S;
+        if (ox >= Wo) continue;
+        acc += wp[ky * K + kx] * gp[oy * Wo + ox];
+      }
+    }
+    dx[i] = acc;
+  }
+}
+
+// One block per (channel, tap): the sum over images and output pixels, reduced in shared
+// memory. Launched with 256 threads per block.
+extern "C" __global__ void deepmad_depthwise_backward_weight(
+    float* dw, const float* dy, const float* x, int N, int C, int H, int W, int Ho, int Wo,
+    int K, int S, int P) {
+  __shared__ float partial[256];
+  int c = blockIdx.x / (K * K);
+  int tap = blockIdx.x % (K * K);
+  int ky = tap / K, kx = tap % K;
+  long long per_image = (long long)Ho * Wo;
+  long long total = N * per_image;
+  float acc = 0.0f;
+  for (long long j = threadIdx.x; j < total; j += blockDim.x) {
+    long long n = j / per_image;
+    int rem = (int)(j % per_image);
+    int oy = rem / Wo, ox = rem % Wo;
+    int iy = oy * S - P + ky, ix = ox * S - P + kx;
+    if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+    long long plane = n * C + c;
+    acc += dy[plane * per_image + rem] * x[plane * H * W + iy * W + ix];
+  }
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int step = blockDim.x / 2; step > 0; step /= 2) {
+    if (threadIdx.x < step) partial[threadIdx.x] += partial[threadIdx.x + step];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) dw[blockIdx.x] = partial[0];
+}
+
 DEEPMAD_ELEMENTWISE(deepmad_relu, fmaxf(v, 0.0f))
 DEEPMAD_ELEMENTWISE(deepmad_relu6, fminf(fmaxf(v, 0.0f), 6.0f))
 DEEPMAD_ELEMENTWISE(deepmad_silu, v / (1.0f + expf(-v)))
@@ -143,7 +231,7 @@ pub(crate) enum Arg<'a, 'b> {
     I32(i32),
 }
 
-/// Launches kernel `name` over `n` elements with `args` in order.
+/// Launches kernel `name` over `n` elements (one thread each, grid-stride) with `args`.
 pub(crate) fn launch(
     device: &CudaDevice,
     name: &str,
@@ -155,6 +243,16 @@ pub(crate) fn launch(
     if n == 0 {
         return Ok(());
     }
+    launch_with(device, name, LaunchConfig::for_num_elems(n), args)
+}
+
+/// Launches kernel `name` with an explicit grid (kernels with block-level reductions).
+pub(crate) fn launch_with(
+    device: &CudaDevice,
+    name: &str,
+    config: LaunchConfig,
+    args: &mut [Arg<'_, '_>],
+) -> candle_core::Result<()> {
     let function = device.get_or_load_custom_func(name, MODULE, ptx()?)?;
     let mut builder = function.builder();
     for arg in args.iter_mut() {
@@ -167,8 +265,9 @@ pub(crate) fn launch(
         };
     }
     // Safety: every kernel in SOURCE takes exactly the arguments its caller passes, in order
-    // (pointers to `n` floats, then scalars), and guards its index with `i < n`.
-    unsafe { builder.launch(LaunchConfig::for_num_elems(n)) }
+    // (device pointers sized for the shapes passed after them, then scalars), and guards every
+    // index it computes with those shapes.
+    unsafe { builder.launch(config) }
         .map(|_| ())
         .map_err(|error| candle_core::Error::Cuda(Box::new(error)))
 }
