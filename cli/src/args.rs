@@ -336,6 +336,10 @@ pub struct ResultsArgs {
     /// `block=basic`, `params<2M`, `rho!=0.5`. Keys: the columns of the CSV.
     #[arg(long)]
     pub filter: Vec<String>,
+    /// Exports every kept trial's per-epoch curve (epoch, losses, top-1/5, images/s, learning
+    /// rate) instead of its final result.
+    #[arg(long)]
+    pub curves: bool,
     #[arg(long, value_enum, default_value = "csv")]
     pub format: TableFormat,
     #[command(flatten)]
@@ -346,6 +350,9 @@ pub struct ResultsArgs {
 pub struct TrialShowArgs {
     /// The trial's id.
     pub trial: String,
+    /// table (attempts and epochs), json (the whole history) or csv (the per-epoch curve).
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: TableFormat,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }

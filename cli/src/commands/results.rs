@@ -124,6 +124,9 @@ pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Fai
                 .filter(|row| filters.iter().all(|filter| filter.accepts(row))),
         );
     }
+    if args.curves {
+        return curves(&remote, &rows, args.format, out).await;
+    }
     match args.format {
         TableFormat::Json => {
             let values: Vec<_> = rows.iter().map(result_json).collect();
@@ -184,6 +187,137 @@ pub async fn trial(args: &TrialShowArgs, out: &mut impl Write) -> Result<(), Fai
         .await
         .map_err(status_failure)?
         .into_inner();
-    render::trial(out, &history)?;
+    match args.format {
+        TableFormat::Table => render::trial(out, &history)?,
+        TableFormat::Json => writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&history_json(&history)).expect("JSON serializes")
+        )?,
+        TableFormat::Csv => {
+            writeln!(out, "{CURVE_HEADER}")?;
+            write_curve_rows(out, &history)?;
+        }
+    }
+    Ok(())
+}
+
+/// The columns of a per-epoch curve in CSV.
+const CURVE_HEADER: &str =
+    "trial_id,design_id,seed,epoch,train_loss,test_loss,top1,top5,images_per_second,learning_rate";
+
+fn write_curve_rows(
+    out: &mut impl Write,
+    history: &v1::TrialHistoryResponse,
+) -> std::io::Result<()> {
+    for epoch in &history.epochs {
+        writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{}",
+            history.trial_id,
+            history.design_id,
+            history.seed,
+            epoch.epoch,
+            epoch.train_loss,
+            epoch.test_loss,
+            epoch.top1,
+            epoch.top5,
+            epoch.images_per_second,
+            epoch.learning_rate
+        )?;
+    }
+    Ok(())
+}
+
+fn epoch_json(epoch: &v1::EpochMetrics) -> serde_json::Value {
+    serde_json::json!({
+        "epoch": epoch.epoch, "train_loss": epoch.train_loss, "test_loss": epoch.test_loss,
+        "top1": epoch.top1, "top5": epoch.top5, "images_per_second": epoch.images_per_second,
+        "learning_rate": epoch.learning_rate,
+    })
+}
+
+fn history_json(history: &v1::TrialHistoryResponse) -> serde_json::Value {
+    let state = v1::TrialState::try_from(history.state).map_or_else(
+        |_| history.state.to_string(),
+        |state| {
+            state
+                .as_str_name()
+                .trim_start_matches("TRIAL_STATE_")
+                .to_ascii_lowercase()
+        },
+    );
+    let attempts: Vec<_> = history
+        .attempts
+        .iter()
+        .map(|attempt| {
+            serde_json::json!({
+                "attempt_id": attempt.attempt_id, "worker_id": attempt.worker_id,
+                "state": v1::AttemptState::try_from(attempt.state).map_or_else(
+                    |_| attempt.state.to_string(),
+                    |state| state.as_str_name().trim_start_matches("ATTEMPT_STATE_").to_ascii_lowercase(),
+                ),
+                "failure_message": attempt.failure_message,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "trial_id": history.trial_id, "design_id": history.design_id,
+        "dataset": history.dataset, "seed": history.seed, "state": state,
+        "attempts": attempts,
+        "epochs": history.epochs.iter().map(epoch_json).collect::<Vec<_>>(),
+        "result": history.result.as_ref().map(|result| serde_json::json!({
+            "top1": result.top1, "top5": result.top5, "test_loss": result.test_loss,
+            "train_seconds": result.train_seconds, "epochs": result.epochs,
+        })),
+        "late_results": history.late_results.len(),
+    })
+}
+
+/// Every trial's per-epoch curve (`deepmad results --curves`), one history request per trial.
+async fn curves(
+    remote: &Remote,
+    rows: &[v1::ResultRow],
+    format: TableFormat,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    let mut histories = Vec::with_capacity(rows.len());
+    for row in rows {
+        let request = v1::TrialHistoryRequest {
+            trial_id: row.trial_id.clone(),
+        };
+        let history = remote
+            .results()
+            .trial_history(request)
+            .await
+            .map_err(status_failure)?
+            .into_inner();
+        histories.push(history);
+    }
+    match format {
+        TableFormat::Json => {
+            let values: Vec<_> = histories
+                .iter()
+                .map(|history| {
+                    serde_json::json!({
+                        "trial_id": history.trial_id, "design_id": history.design_id,
+                        "seed": history.seed,
+                        "epochs": history.epochs.iter().map(epoch_json).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&values).expect("JSON serializes")
+            )?;
+        }
+        TableFormat::Csv | TableFormat::Table => {
+            writeln!(out, "{CURVE_HEADER}")?;
+            for history in &histories {
+                write_curve_rows(out, history)?;
+            }
+        }
+    }
     Ok(())
 }

@@ -56,6 +56,37 @@ async fn two_workers_run_a_sweep_to_a_full_leaderboard() {
     assert_eq!(trials.len(), results.len(), "one row per trial");
     assert!(results.iter().all(|row| row["epochs"] == shape.epochs));
 
+    // Per-epoch curves: one trial's as CSV and JSON, every trial's with `results --curves`.
+    let epochs = shape.epochs as usize;
+    let first = results[0]["trial_id"].as_str().expect("a trial id");
+    let csv = cluster.cli_ok(&["trial", first, "--format", "csv"]);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(
+        lines[0].starts_with("trial_id,design_id,seed,epoch,"),
+        "{csv}"
+    );
+    assert_eq!(lines.len(), 1 + epochs, "{csv}");
+    assert!(
+        lines[1..].iter().all(|line| line.starts_with(first)),
+        "{csv}"
+    );
+    let history = cluster.cli_json(&["trial", first, "--format", "json"]);
+    assert_eq!(history["state"], "succeeded", "{history:#}");
+    assert_eq!(history["epochs"].as_array().map(Vec::len), Some(epochs));
+    let curves = cluster.cli_ok(&[
+        "results",
+        "--sweep",
+        &created.id,
+        "--curves",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(
+        curves.lines().count(),
+        1 + epochs * results.len(),
+        "{curves}"
+    );
+
     let pool = cluster.sql().await;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM results")
         .fetch_one(&pool)
