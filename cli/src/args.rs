@@ -44,6 +44,8 @@ pub enum Command {
     Results(ResultsArgs),
     /// Shows a trial's history.
     Trial(TrialShowArgs),
+    /// A sweep's analytics: accuracy vs rho, Pareto fronts, Kendall tau of entropy vs accuracy.
+    Analytics(AnalyticsArgs),
     /// Acts on a sweep's trials: `deepmad trials retry --sweep ID`.
     Trials {
         #[command(subcommand)]
@@ -181,6 +183,18 @@ pub struct TrainArgs {
     /// Prints the result (every epoch's metrics, hashes) as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AnalyticsArgs {
+    /// The sweep to analyze.
+    #[arg(long)]
+    pub sweep: String,
+    /// table, or json (csv is taken as json: the result is nested).
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: TableFormat,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Debug, clap::Args)]

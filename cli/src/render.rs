@@ -395,3 +395,70 @@ pub fn trial(
     }
     Ok(())
 }
+
+/// Writes a sweep's analytics: accuracy against rho with Kendall's tau per rho, then the
+/// designs with their Pareto marks.
+pub fn analytics(
+    out: &mut impl Write,
+    sweep: &str,
+    analytics: &deepmad_coordinator::analytics::SweepAnalytics,
+) -> io::Result<()> {
+    let tau = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:+.3}"));
+    writeln!(
+        out,
+        "sweep {sweep}: {} trials, {} designs; Kendall tau (entropy vs top-1) over all designs: {}",
+        analytics.trials,
+        analytics.designs.len(),
+        tau(analytics.kendall_tau)
+    )?;
+    if !analytics.by_rho.is_empty() {
+        writeln!(out)?;
+        let mut table = Table::new(
+            vec!["rho", "designs", "trials", "top-1 %", "+-", "best %", "tau"],
+            0,
+        );
+        for group in &analytics.by_rho {
+            table.rows.push(vec![
+                format!("{}", group.rho),
+                group.designs.to_string(),
+                group.trials.to_string(),
+                percent(Some(group.top1_mean)),
+                percent(Some(group.top1_std)),
+                percent(Some(group.top1_best)),
+                tau(group.kendall_tau),
+            ]);
+        }
+        table.write(out)?;
+    }
+    writeln!(out)?;
+    let mut table = Table::new(
+        vec![
+            "design", "front", "rho", "params", "FLOPs", "entropy", "seeds", "top-1 %", "+-",
+        ],
+        2,
+    );
+    for design in &analytics.designs {
+        let front = match (design.pareto_params, design.pareto_flops) {
+            (true, true) => "params+flops",
+            (true, false) => "params",
+            (false, true) => "flops",
+            (false, false) => "",
+        };
+        table.rows.push(vec![
+            short(&design.design_id).to_string(),
+            front.to_string(),
+            design.rho.map_or("-".to_string(), |rho| format!("{rho}")),
+            format_count(design.params),
+            format_count(design.flops),
+            format!("{:.1}", design.entropy),
+            design.seeds.to_string(),
+            percent(Some(design.top1_mean)),
+            percent(Some(design.top1_std)),
+        ]);
+    }
+    table.write(out)?;
+    writeln!(
+        out,
+        "front: on the Pareto front of accuracy against parameters and/or FLOPs"
+    )
+}

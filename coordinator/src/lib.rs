@@ -4,6 +4,7 @@
 //! Start reading at [`model`] (ids and states), then [`store`] (one type per backend, one method
 //! per use case, the lease protocol's transactions).
 
+pub mod analytics;
 pub mod app;
 pub mod auth;
 pub mod convert;

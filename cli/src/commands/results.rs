@@ -5,7 +5,7 @@ use std::io::Write;
 use deepmad_proto::v1;
 
 use super::remote::{status_failure, Remote};
-use crate::args::{LeaderboardArgs, ResultsArgs, TableFormat, TrialShowArgs};
+use crate::args::{AnalyticsArgs, LeaderboardArgs, ResultsArgs, TableFormat, TrialShowArgs};
 use crate::filter::Filter;
 use crate::{render, Failure};
 
@@ -106,24 +106,11 @@ pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Fai
         .collect::<Result<Vec<_>, _>>()
         .map_err(Failure::usage)?;
     let remote = Remote::connect(&args.remote).await?;
-    let request = v1::ExportResultsRequest {
-        sweep_id: args.sweep.clone(),
-    };
-    let mut stream = remote
-        .results()
-        .export_results(request)
-        .await
-        .map_err(status_failure)?
-        .into_inner();
-    let mut rows = Vec::new();
-    while let Some(chunk) = stream.message().await.map_err(status_failure)? {
-        rows.extend(
-            chunk
-                .rows
-                .into_iter()
-                .filter(|row| filters.iter().all(|filter| filter.accepts(row))),
-        );
-    }
+    let rows: Vec<v1::ResultRow> = export_rows(&remote, &args.sweep)
+        .await?
+        .into_iter()
+        .filter(|row| filters.iter().all(|filter| filter.accepts(row)))
+        .collect();
     if args.curves {
         return curves(&remote, &rows, args.format, out).await;
     }
@@ -162,6 +149,53 @@ pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Fai
                 )?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Every result row of a sweep, from the streaming export.
+async fn export_rows(remote: &Remote, sweep: &str) -> Result<Vec<v1::ResultRow>, Failure> {
+    let request = v1::ExportResultsRequest {
+        sweep_id: sweep.to_string(),
+    };
+    let mut stream = remote
+        .results()
+        .export_results(request)
+        .await
+        .map_err(status_failure)?
+        .into_inner();
+    let mut rows = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(status_failure)? {
+        rows.extend(chunk.rows);
+    }
+    Ok(rows)
+}
+
+/// `deepmad analytics --sweep ID`: accuracy against rho, Pareto fronts and Kendall's tau of
+/// entropy against accuracy (`deepmad_coordinator::analytics`), from the sweep's results.
+pub async fn analytics(args: &AnalyticsArgs, out: &mut impl Write) -> Result<(), Failure> {
+    use deepmad_coordinator::analytics::{analyze, Observation};
+    let remote = Remote::connect(&args.remote).await?;
+    let rows = export_rows(&remote, &args.sweep).await?;
+    let observations: Vec<Observation> = rows
+        .iter()
+        .map(|row| Observation {
+            design_id: row.design_id.clone(),
+            rho: row.rho,
+            params: row.params,
+            flops: row.flops,
+            entropy: row.entropy,
+            top1: row.top1,
+        })
+        .collect();
+    let analytics = analyze(&observations);
+    match args.format {
+        TableFormat::Json | TableFormat::Csv => writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&analytics).expect("JSON serializes")
+        )?,
+        TableFormat::Table => render::analytics(out, &args.sweep, &analytics)?,
     }
     Ok(())
 }
