@@ -46,6 +46,8 @@ pub enum Command {
     Trial(TrialShowArgs),
     /// A sweep's analytics: accuracy vs rho, Pareto fronts, Kendall tau of entropy vs accuracy.
     Analytics(AnalyticsArgs),
+    /// Draws a sweep's chart as SVG: rho, pareto, entropy or curves.
+    Plot(PlotArgs),
     /// Acts on a sweep's trials: `deepmad trials retry --sweep ID`.
     Trials {
         #[command(subcommand)]
@@ -183,6 +185,31 @@ pub struct TrainArgs {
     /// Prints the result (every epoch's metrics, hashes) as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlotArgs {
+    /// The sweep to draw.
+    #[arg(long)]
+    pub sweep: String,
+    /// rho: top-1 vs rho; pareto: top-1 vs parameters with the front; entropy: top-1 vs
+    /// entropy with Kendall's tau; curves: test top-1 per epoch of every trial.
+    #[arg(long, value_enum)]
+    pub kind: PlotKind,
+    /// The SVG file to write (atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// Which chart `deepmad plot` draws.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlotKind {
+    Rho,
+    Pareto,
+    Entropy,
+    Curves,
 }
 
 #[derive(Debug, clap::Args)]

@@ -72,6 +72,7 @@ pub async fn run(
         Command::Results(results) => commands::results::results(&results, out).await,
         Command::Trial(trial) => commands::results::trial(&trial, out).await,
         Command::Analytics(analytics) => commands::results::analytics(&analytics, out).await,
+        Command::Plot(plot) => commands::plot::run(&plot).await,
         Command::Trials {
             command: args::TrialsCommand::Retry(retry),
         } => commands::sweep::retry(&retry.sweep, &retry.remote, out).await,

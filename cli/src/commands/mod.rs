@@ -5,6 +5,7 @@ pub mod bench;
 pub mod coordinator;
 pub mod design;
 pub mod export;
+pub mod plot;
 pub mod remote;
 pub mod results;
 pub mod run;

@@ -154,7 +154,10 @@ pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Fai
 }
 
 /// Every result row of a sweep, from the streaming export.
-async fn export_rows(remote: &Remote, sweep: &str) -> Result<Vec<v1::ResultRow>, Failure> {
+pub(crate) async fn export_rows(
+    remote: &Remote,
+    sweep: &str,
+) -> Result<Vec<v1::ResultRow>, Failure> {
     let request = v1::ExportResultsRequest {
         sweep_id: sweep.to_string(),
     };
