@@ -4,10 +4,10 @@
 //! with a naive `conv_transpose2d` loop (CPU and CUDA), and a grouped convolution as one
 //! convolution per group, so a depthwise 3x3 on 96 channels is 96 tiny convolutions forward and
 //! backward. Here, with [`crate::kernels::Kernels::Deepmad`]:
-//! - dense convolutions on the CPU: `DenseConv`, per image an im2col into a per-thread
+//! - dense convolutions on the CPU: `DenseConv`, per group of images an im2col into a per-thread
 //!   scratch buffer and one matrix product with the `(out, in * k * k)` weight (the gemm crate
 //!   candle uses, single-threaded, images spread over the threads); the backward pass is two
-//!   products and a col2im per image, the weight gradient accumulated per thread;
+//!   products and a col2im per group, the weight gradient accumulated per thread;
 //! - depthwise convolutions on the CPU: `DepthwiseConv`, a direct loop per (image, channel)
 //!   plane and tap, forward and backward, with no columns;
 //! - every convolution on CUDA (with the `cuda` feature): cuDNN in all three passes
