@@ -582,3 +582,80 @@ pub use sweep_spec::{sweep_spec_from_proto, sweep_spec_to_proto};
 
 #[cfg(test)]
 mod tests;
+
+impl From<&crate::analytics::SweepAnalytics> for v1::SweepAnalyticsResponse {
+    fn from(analytics: &crate::analytics::SweepAnalytics) -> v1::SweepAnalyticsResponse {
+        let count = |value: usize| u32::try_from(value).unwrap_or(u32::MAX);
+        v1::SweepAnalyticsResponse {
+            trials: count(analytics.trials),
+            designs: analytics
+                .designs
+                .iter()
+                .map(|design| v1::AnalyticsDesign {
+                    design_id: design.design_id.clone(),
+                    rho: design.rho,
+                    params: design.params,
+                    flops: design.flops,
+                    entropy: design.entropy,
+                    seeds: count(design.seeds),
+                    top1_mean: design.top1_mean,
+                    top1_std: design.top1_std,
+                    pareto_params: design.pareto_params,
+                    pareto_flops: design.pareto_flops,
+                })
+                .collect(),
+            by_rho: analytics
+                .by_rho
+                .iter()
+                .map(|group| v1::RhoGroup {
+                    rho: group.rho,
+                    designs: count(group.designs),
+                    trials: count(group.trials),
+                    top1_mean: group.top1_mean,
+                    top1_std: group.top1_std,
+                    top1_best: group.top1_best,
+                    kendall_tau: group.kendall_tau,
+                })
+                .collect(),
+            kendall_tau: analytics.kendall_tau,
+        }
+    }
+}
+
+impl From<&v1::SweepAnalyticsResponse> for crate::analytics::SweepAnalytics {
+    fn from(response: &v1::SweepAnalyticsResponse) -> crate::analytics::SweepAnalytics {
+        crate::analytics::SweepAnalytics {
+            trials: response.trials as usize,
+            designs: response
+                .designs
+                .iter()
+                .map(|design| crate::analytics::DesignPoint {
+                    design_id: design.design_id.clone(),
+                    rho: design.rho,
+                    params: design.params,
+                    flops: design.flops,
+                    entropy: design.entropy,
+                    seeds: design.seeds as usize,
+                    top1_mean: design.top1_mean,
+                    top1_std: design.top1_std,
+                    pareto_params: design.pareto_params,
+                    pareto_flops: design.pareto_flops,
+                })
+                .collect(),
+            by_rho: response
+                .by_rho
+                .iter()
+                .map(|group| crate::analytics::RhoGroup {
+                    rho: group.rho,
+                    designs: group.designs as usize,
+                    trials: group.trials as usize,
+                    top1_mean: group.top1_mean,
+                    top1_std: group.top1_std,
+                    top1_best: group.top1_best,
+                    kendall_tau: group.kendall_tau,
+                })
+                .collect(),
+            kendall_tau: response.kendall_tau,
+        }
+    }
+}

@@ -327,6 +327,26 @@ impl Coordinator {
         Ok(self.store.export_results(sweep).await?)
     }
 
+    /// A sweep's analytics ([`crate::analytics`]) from its results.
+    pub async fn sweep_analytics(
+        &self,
+        sweep: SweepId,
+    ) -> Result<crate::analytics::SweepAnalytics, Error> {
+        let records = self.store.export_results(sweep).await?;
+        let observations: Vec<crate::analytics::Observation> = records
+            .iter()
+            .map(|record| crate::analytics::Observation {
+                design_id: record.design_id.0.clone(),
+                rho: record.rho,
+                params: u64::try_from(record.params).unwrap_or(0),
+                flops: u64::try_from(record.flops).unwrap_or(0),
+                entropy: record.entropy,
+                top1: record.top1,
+            })
+            .collect();
+        Ok(crate::analytics::analyze(&observations))
+    }
+
     pub async fn trial_history(&self, trial: TrialId) -> Result<TrialHistory, Error> {
         Ok(self.store.trial_history(trial).await?)
     }

@@ -216,7 +216,7 @@ async fn a_sweep_runs_through_the_api() {
         .all(|w| w[0].top1_mean >= w[1].top1_mean));
     let mut export = results
         .export_results(v1::ExportResultsRequest {
-            sweep_id: created.sweep_id,
+            sweep_id: created.sweep_id.clone(),
         })
         .await
         .unwrap()
@@ -226,6 +226,33 @@ async fn a_sweep_runs_through_the_api() {
         rows += chunk.rows.len();
     }
     assert_eq!(rows, done as usize);
+
+    let analytics = results
+        .sweep_analytics(v1::SweepAnalyticsRequest {
+            sweep_id: created.sweep_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(analytics.trials, done);
+    assert_eq!(analytics.designs.len(), board.rows.len());
+    assert!(analytics.designs.iter().any(|d| d.pareto_params));
+    let grouped: u32 = analytics.by_rho.iter().map(|g| g.trials).sum();
+    assert_eq!(grouped, done, "every result has its grid point's rho");
+    let unknown = results
+        .sweep_analytics(v1::SweepAnalyticsRequest {
+            sweep_id: "00000000-0000-4000-8000-000000000000".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let malformed = results
+        .sweep_analytics(v1::SweepAnalyticsRequest {
+            sweep_id: "not-a-uuid".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(malformed.code(), Code::InvalidArgument, "{malformed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,6 +152,12 @@ impl ResultService for Stub {
     ) -> Answer<Self::ExportResultsStream> {
         Err(caller(&request))
     }
+    async fn sweep_analytics(
+        &self,
+        request: Request<v1::SweepAnalyticsRequest>,
+    ) -> Answer<v1::SweepAnalyticsResponse> {
+        Err(caller(&request))
+    }
 }
 
 fn settings_with_tokens() -> Validated {

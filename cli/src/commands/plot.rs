@@ -12,13 +12,13 @@
 use std::ops::Range;
 use std::path::Path;
 
-use deepmad_coordinator::analytics::{analyze, Observation, SweepAnalytics};
+use deepmad_coordinator::analytics::SweepAnalytics;
 use deepmad_proto::v1;
 use plotters::prelude::*;
 
 use super::design::write_atomically;
 use super::remote::{status_failure, Remote};
-use super::results::export_rows;
+use super::results::{export_rows, sweep_analytics};
 use crate::args::{PlotArgs, PlotKind};
 use crate::Failure;
 
@@ -33,25 +33,13 @@ pub async fn run(args: &PlotArgs) -> Result<(), Failure> {
         )));
     }
     let remote = Remote::connect(&args.remote).await?;
-    let rows = export_rows(&remote, &args.sweep).await?;
-    if rows.is_empty() {
+    let analytics = sweep_analytics(&remote, &args.sweep).await?;
+    if analytics.trials == 0 {
         return Err(Failure::usage(format!(
             "sweep {} has no results yet: nothing to plot",
             args.sweep
         )));
     }
-    let observations: Vec<Observation> = rows
-        .iter()
-        .map(|row| Observation {
-            design_id: row.design_id.clone(),
-            rho: row.rho,
-            params: row.params,
-            flops: row.flops,
-            entropy: row.entropy,
-            top1: row.top1,
-        })
-        .collect();
-    let analytics = analyze(&observations);
     let title_sweep = &args.sweep[..args.sweep.len().min(8)];
     let mut svg = String::new();
     let drawn = match args.kind {
@@ -59,6 +47,7 @@ pub async fn run(args: &PlotArgs) -> Result<(), Failure> {
         PlotKind::Pareto => pareto_chart(&mut svg, title_sweep, &analytics),
         PlotKind::Entropy => entropy_chart(&mut svg, title_sweep, &analytics),
         PlotKind::Curves => {
+            let rows = export_rows(&remote, &args.sweep).await?;
             let mut histories = Vec::with_capacity(rows.len());
             for row in &rows {
                 let request = v1::TrialHistoryRequest {
@@ -318,6 +307,8 @@ fn curves_chart(svg: &mut String, sweep: &str, histories: &[v1::TrialHistoryResp
 
 #[cfg(test)]
 mod tests {
+    use deepmad_coordinator::analytics::{analyze, Observation};
+
     use super::*;
 
     /// A chart drawn from a sweep's analytics into an SVG string.

@@ -175,23 +175,10 @@ pub(crate) async fn export_rows(
 }
 
 /// `deepmad analytics --sweep ID`: accuracy against rho, Pareto fronts and Kendall's tau of
-/// entropy against accuracy (`deepmad_coordinator::analytics`), from the sweep's results.
+/// entropy against accuracy, computed by the coordinator (`SweepAnalytics`).
 pub async fn analytics(args: &AnalyticsArgs, out: &mut impl Write) -> Result<(), Failure> {
-    use deepmad_coordinator::analytics::{analyze, Observation};
     let remote = Remote::connect(&args.remote).await?;
-    let rows = export_rows(&remote, &args.sweep).await?;
-    let observations: Vec<Observation> = rows
-        .iter()
-        .map(|row| Observation {
-            design_id: row.design_id.clone(),
-            rho: row.rho,
-            params: row.params,
-            flops: row.flops,
-            entropy: row.entropy,
-            top1: row.top1,
-        })
-        .collect();
-    let analytics = analyze(&observations);
+    let analytics = sweep_analytics(&remote, &args.sweep).await?;
     match args.format {
         TableFormat::Json | TableFormat::Csv => writeln!(
             out,
@@ -201,6 +188,25 @@ pub async fn analytics(args: &AnalyticsArgs, out: &mut impl Write) -> Result<(),
         TableFormat::Table => render::analytics(out, &args.sweep, &analytics)?,
     }
     Ok(())
+}
+
+/// A sweep's analytics from the coordinator.
+pub(crate) async fn sweep_analytics(
+    remote: &Remote,
+    sweep: &str,
+) -> Result<deepmad_coordinator::analytics::SweepAnalytics, Failure> {
+    let request = v1::SweepAnalyticsRequest {
+        sweep_id: sweep.to_string(),
+    };
+    let response = remote
+        .results()
+        .sweep_analytics(request)
+        .await
+        .map_err(status_failure)?
+        .into_inner();
+    Ok(deepmad_coordinator::analytics::SweepAnalytics::from(
+        &response,
+    ))
 }
 
 fn result_json(row: &v1::ResultRow) -> serde_json::Value {

@@ -64,4 +64,13 @@ impl v1::result_service_server::ResultService for ResultHandler {
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
+
+    async fn sweep_analytics(
+        &self,
+        request: Request<v1::SweepAnalyticsRequest>,
+    ) -> Result<Response<v1::SweepAnalyticsResponse>, Status> {
+        let sweep: SweepId = parse_id(&request.get_ref().sweep_id, "sweep_id")?;
+        let analytics = self.coordinator.sweep_analytics(sweep).await?;
+        Ok(Response::new(v1::SweepAnalyticsResponse::from(&analytics)))
+    }
 }
