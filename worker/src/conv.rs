@@ -242,12 +242,7 @@ impl CustomOp2 for DenseConv {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let flat =
             xs.apply_op3_no_bwd(weight, &grad_ys.contiguous()?, &DenseConvBackward(*self))?;
-        let count = xs.elem_count();
-        let grad_xs = flat.narrow(0, 0, count)?.reshape(xs.shape())?;
-        let grad_weight = flat
-            .narrow(0, count, weight.elem_count())?
-            .reshape(weight.shape())?;
-        Ok((Some(grad_xs), Some(grad_weight)))
+        split_gradients(&flat, xs, weight)
     }
 }
 
@@ -340,6 +335,21 @@ impl CustomOp3 for DenseConvBackward {
         let shape = Shape::from(grads.len());
         Ok((CpuStorage::F32(grads), shape))
     }
+}
+
+/// Splits a backward op's single buffer (the input gradient, then the weight gradient) into
+/// the two gradients, as views.
+fn split_gradients(
+    flat: &Tensor,
+    xs: &Tensor,
+    weight: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let count = xs.elem_count();
+    let grad_xs = flat.narrow(0, 0, count)?.reshape(xs.shape())?;
+    let grad_weight = flat
+        .narrow(0, count, weight.elem_count())?
+        .reshape(weight.shape())?;
+    Ok((Some(grad_xs), Some(grad_weight)))
 }
 
 /// One operand of [`matmul`]: a row-major matrix (whose rows may be longer than the columns
@@ -565,12 +575,7 @@ impl CustomOp2 for DepthwiseConv {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let flat =
             xs.apply_op3_no_bwd(weight, &grad_ys.contiguous()?, &DepthwiseBackward(self.0))?;
-        let count = xs.elem_count();
-        let grad_xs = flat.narrow(0, 0, count)?.reshape(xs.shape())?;
-        let grad_weight = flat
-            .narrow(0, count, weight.elem_count())?
-            .reshape(weight.shape())?;
-        Ok((Some(grad_xs), Some(grad_weight)))
+        split_gradients(&flat, xs, weight)
     }
 }
 

@@ -17,8 +17,8 @@ use deepmad_proto::v1;
 use plotters::prelude::*;
 
 use super::design::write_atomically;
-use super::remote::{status_failure, Remote};
-use super::results::{export_rows, sweep_analytics};
+use super::remote::Remote;
+use super::results::{export_rows, sweep_analytics, trial_histories};
 use crate::args::{PlotArgs, PlotKind};
 use crate::Failure;
 
@@ -48,19 +48,7 @@ pub async fn run(args: &PlotArgs) -> Result<(), Failure> {
         PlotKind::Entropy => entropy_chart(&mut svg, title_sweep, &analytics),
         PlotKind::Curves => {
             let rows = export_rows(&remote, &args.sweep).await?;
-            let mut histories = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let request = v1::TrialHistoryRequest {
-                    trial_id: row.trial_id.clone(),
-                };
-                let history = remote
-                    .results()
-                    .trial_history(request)
-                    .await
-                    .map_err(status_failure)?
-                    .into_inner();
-                histories.push(history);
-            }
+            let histories = trial_histories(&remote, &rows).await?;
             curves_chart(&mut svg, title_sweep, &histories)
         }
     };
@@ -72,6 +60,46 @@ pub async fn run(args: &PlotArgs) -> Result<(), Failure> {
 }
 
 type Drawn = Result<(), Box<dyn std::error::Error>>;
+
+/// A chart with this module's look: caption, margins and label areas.
+type Chart<'a, 'b, X, Y> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<X, Y>>;
+
+fn chart_on<'a, 'b, X, Y>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    caption: String,
+    x: X,
+    y: Y,
+) -> Result<Chart<'a, 'b, X::CoordDescType, Y::CoordDescType>, Box<dyn std::error::Error>>
+where
+    X: plotters::coord::ranged1d::AsRangedCoord,
+    Y: plotters::coord::ranged1d::AsRangedCoord,
+{
+    Ok(ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x, y)?)
+}
+
+/// Draws the legend box in the lower right and writes the chart out.
+fn finish<'a, 'b: 'a, X, Y>(
+    root: &DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    chart: &mut Chart<'a, 'b, X, Y>,
+) -> Drawn
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
 
 /// `values` widened by 5% on each side (and by 1 around a single value).
 fn padded(values: impl Iterator<Item = f64>) -> Range<f64> {
@@ -109,15 +137,12 @@ fn rho_chart(svg: &mut String, sweep: &str, analytics: &SweepAnalytics) -> Drawn
                 .flat_map(|g| [g.top1_mean - g.top1_std, g.top1_mean + g.top1_std]),
         ),
     );
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("sweep {sweep}: top-1 against rho"),
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(56)
-        .build_cartesian_2d(padded(points.iter().map(|p| p.0)), y)?;
+    let mut chart = chart_on(
+        &root,
+        format!("sweep {sweep}: top-1 against rho"),
+        padded(points.iter().map(|p| p.0)),
+        y,
+    )?;
     chart
         .configure_mesh()
         .x_desc("effectiveness bound rho")
@@ -144,14 +169,7 @@ fn rho_chart(svg: &mut String, sweep: &str, analytics: &SweepAnalytics) -> Drawn
         let (lo, hi) = (g.top1_mean - g.top1_std, g.top1_mean + g.top1_std);
         PathElement::new(vec![(g.rho, lo * 100.0), (g.rho, hi * 100.0)], RED)
     }))?;
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    finish(&root, &mut chart)
 }
 
 fn pareto_chart(svg: &mut String, sweep: &str, analytics: &SweepAnalytics) -> Drawn {
@@ -160,15 +178,12 @@ fn pareto_chart(svg: &mut String, sweep: &str, analytics: &SweepAnalytics) -> Dr
     let x = padded(analytics.designs.iter().map(|d| d.params as f64));
     let x = x.start.max(0.0)..x.end;
     let y = percent_range(analytics.designs.iter().map(|d| d.top1_mean));
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("sweep {sweep}: top-1 against parameters"),
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(56)
-        .build_cartesian_2d(x, y)?;
+    let mut chart = chart_on(
+        &root,
+        format!("sweep {sweep}: top-1 against parameters"),
+        x,
+        y,
+    )?;
     chart
         .configure_mesh()
         .x_desc("parameters")
@@ -196,14 +211,7 @@ fn pareto_chart(svg: &mut String, sweep: &str, analytics: &SweepAnalytics) -> Dr
         .draw_series(LineSeries::new(front, RED.stroke_width(2)))?
         .label("Pareto front")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    finish(&root, &mut chart)
 }
 
 fn entropy_chart(svg: &mut String, sweep: &str, analytics: &SweepAnalytics) -> Drawn {
@@ -212,18 +220,12 @@ fn entropy_chart(svg: &mut String, sweep: &str, analytics: &SweepAnalytics) -> D
     let tau = analytics
         .kendall_tau
         .map_or("n/a".to_string(), |tau| format!("{tau:+.3}"));
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("sweep {sweep}: top-1 against entropy (Kendall tau {tau})"),
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(56)
-        .build_cartesian_2d(
-            padded(analytics.designs.iter().map(|d| d.entropy)),
-            percent_range(analytics.designs.iter().map(|d| d.top1_mean)),
-        )?;
+    let mut chart = chart_on(
+        &root,
+        format!("sweep {sweep}: top-1 against entropy (Kendall tau {tau})"),
+        padded(analytics.designs.iter().map(|d| d.entropy)),
+        percent_range(analytics.designs.iter().map(|d| d.top1_mean)),
+    )?;
     chart
         .configure_mesh()
         .x_desc("network entropy (DeepMAD score)")
@@ -238,14 +240,7 @@ fn entropy_chart(svg: &mut String, sweep: &str, analytics: &SweepAnalytics) -> D
         )?
         .label("design (mean over seeds)")
         .legend(|(x, y)| Circle::new((x, y), 4, BLUE.mix(0.6).filled()));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    finish(&root, &mut chart)
 }
 
 fn curves_chart(svg: &mut String, sweep: &str, histories: &[v1::TrialHistoryResponse]) -> Drawn {
@@ -260,15 +255,12 @@ fn curves_chart(svg: &mut String, sweep: &str, histories: &[v1::TrialHistoryResp
             .iter()
             .flat_map(|h| h.epochs.iter().map(|e| e.top1)),
     );
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("sweep {sweep}: test top-1 per epoch"),
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0.0..epochs + 0.5, y)?;
+    let mut chart = chart_on(
+        &root,
+        format!("sweep {sweep}: test top-1 per epoch"),
+        0.0..epochs + 0.5,
+        y,
+    )?;
     chart
         .configure_mesh()
         .x_desc("epoch")
@@ -295,14 +287,7 @@ fn curves_chart(svg: &mut String, sweep: &str, histories: &[v1::TrialHistoryResp
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    finish(&root, &mut chart)
 }
 
 #[cfg(test)]

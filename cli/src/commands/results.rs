@@ -219,17 +219,34 @@ fn result_json(row: &v1::ResultRow) -> serde_json::Value {
     })
 }
 
-pub async fn trial(args: &TrialShowArgs, out: &mut impl Write) -> Result<(), Failure> {
-    let remote = Remote::connect(&args.remote).await?;
+/// One trial's history from the coordinator.
+async fn trial_history(remote: &Remote, trial: &str) -> Result<v1::TrialHistoryResponse, Failure> {
     let request = v1::TrialHistoryRequest {
-        trial_id: args.trial.clone(),
+        trial_id: trial.to_string(),
     };
-    let history = remote
+    Ok(remote
         .results()
         .trial_history(request)
         .await
         .map_err(status_failure)?
-        .into_inner();
+        .into_inner())
+}
+
+/// The histories of `rows`' trials, one request each.
+pub(crate) async fn trial_histories(
+    remote: &Remote,
+    rows: &[v1::ResultRow],
+) -> Result<Vec<v1::TrialHistoryResponse>, Failure> {
+    let mut histories = Vec::with_capacity(rows.len());
+    for row in rows {
+        histories.push(trial_history(remote, &row.trial_id).await?);
+    }
+    Ok(histories)
+}
+
+pub async fn trial(args: &TrialShowArgs, out: &mut impl Write) -> Result<(), Failure> {
+    let remote = Remote::connect(&args.remote).await?;
+    let history = trial_history(&remote, &args.trial).await?;
     match args.format {
         TableFormat::Table => render::trial(out, &history)?,
         TableFormat::Json => writeln!(
@@ -324,19 +341,7 @@ async fn curves(
     format: TableFormat,
     out: &mut impl Write,
 ) -> Result<(), Failure> {
-    let mut histories = Vec::with_capacity(rows.len());
-    for row in rows {
-        let request = v1::TrialHistoryRequest {
-            trial_id: row.trial_id.clone(),
-        };
-        let history = remote
-            .results()
-            .trial_history(request)
-            .await
-            .map_err(status_failure)?
-            .into_inner();
-        histories.push(history);
-    }
+    let histories = trial_histories(remote, rows).await?;
     match format {
         TableFormat::Json => {
             let values: Vec<_> = histories
