@@ -40,20 +40,22 @@ fn main() -> ExitCode {
     }
 }
 
-/// Cancels `shutdown` on the first SIGINT or SIGTERM; a second signal exits at once.
 /// Training frees and reallocates the same activation-sized buffers (megabytes) every step.
-/// glibc serves blocks that large with fresh `mmap`s and returns them on free, so each step
-/// faulted in zeroed pages again: on the 2-core development machine ResNet-20 training ran at
-/// 105-110 images/s, and at 156-168 with the heap keeping them (measured with the equivalent
-/// GLIBC_TUNABLES). Here: blocks up to glibc's largest mmap threshold (32 MiB) come from the
-/// heap, and the heap's top is never trimmed.
+/// glibc serves large blocks with fresh `mmap`s and unmaps them on free, so each step faulted in
+/// zeroed pages again. On the 2-core development machine ResNet-20 training ran at 105-110
+/// images/s at batch 128 with glibc's defaults, and at 156-168 with the heap keeping them; at
+/// batch 512, whose buffers exceed glibc's largest mmap threshold (32 MiB), it ran at 99 images/s
+/// until mmap was turned off for allocations altogether, and then at 175. Here: no
+/// allocation is served by its own mmap (the heap grows instead, and freed blocks are reused),
+/// and the heap's top is never trimmed. Memory is kept at its peak, as GPU frameworks' caching
+/// allocators do.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)] // mallopt is a plain libc call with integer arguments, before any thread.
 fn keep_freed_memory() {
     // Safety: called first thing in main, before other threads exist; mallopt only sets
     // allocator parameters (a rejected value leaves the default, which is only slower).
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
@@ -61,6 +63,7 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
+/// Cancels `shutdown` on the first SIGINT or SIGTERM; a second signal exits at once.
 async fn cancel_on_signal(shutdown: CancellationToken) {
     let mut terminate =
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
