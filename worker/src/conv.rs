@@ -25,24 +25,24 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// The geometry of one convolution's input windows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Windows {
-    batch: usize,
-    channels: usize,
-    height: usize,
-    width: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
+/// The geometry of one convolution's input windows (NCHW input, square `k x k` kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Windows {
+    pub(crate) batch: usize,
+    pub(crate) channels: usize,
+    pub(crate) height: usize,
+    pub(crate) width: usize,
+    pub(crate) kernel: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
 }
 
 impl Windows {
-    fn out_height(&self) -> usize {
+    pub(crate) fn out_height(&self) -> usize {
         (self.height + 2 * self.padding - self.kernel) / self.stride + 1
     }
 
-    fn out_width(&self) -> usize {
+    pub(crate) fn out_width(&self) -> usize {
         (self.width + 2 * self.padding - self.kernel) / self.stride + 1
     }
 
@@ -110,7 +110,7 @@ pub fn conv2d_with(
                 .contiguous()?
                 .apply_op2(&weight.contiguous()?, DepthwiseConv(windows));
         }
-        return crate::cudnn::conv2d(xs, weight, stride, padding, groups);
+        return crate::cudnn::conv2d(xs, weight, windows, out_channels, groups);
     }
     let cpu_f32 = xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32;
     if groups == 1 {

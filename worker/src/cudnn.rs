@@ -5,8 +5,8 @@
 //! H200: ResNet-20 training at batch 128 was 0.28x PyTorch's speed with stock candle, and 5x
 //! slower still with that feature, see `docs/performance.md`). PyTorch calls cuDNN for all three
 //! passes; so does this module, through cudarc (the CUDA crate candle itself is built on):
-//! - [`conv2d`] is a [`CustomOp2`] on `(input, weight)` whose forward is
-//!   `cudnnConvolutionForward` and whose backward is two more custom ops,
+//! - [`conv2d`] applies one op type, `CudnnConv`, in its forward pass on `(input, weight)`
+//!   (`cudnnConvolutionForward`); its backward is the same op in its other two passes,
 //!   `cudnnConvolutionBackwardData` and `cudnnConvolutionBackwardFilter`;
 //! - grouped and depthwise convolutions are one cuDNN call (its group count), not one call per
 //!   group;
@@ -31,6 +31,8 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::{CudaDevice, DeviceId};
+
+use crate::conv::Windows;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use cudarc::cudnn::{
     sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn,
@@ -38,89 +40,95 @@ use cudarc::cudnn::{
 };
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
-/// The shape of one convolution (NCHW input, `(out, in / groups, k, k)` weight).
+/// The shape of one convolution: its input windows, output channels and group count (the
+/// weight is `(out, in / groups, k, k)`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConvGeometry {
-    pub batch: usize,
-    pub in_channels: usize,
-    pub height: usize,
-    pub width: usize,
-    pub out_channels: usize,
-    pub kernel: usize,
-    pub stride: usize,
-    pub padding: usize,
-    pub groups: usize,
+pub(crate) struct ConvGeometry {
+    windows: Windows,
+    out_channels: usize,
+    groups: usize,
 }
 
 impl ConvGeometry {
-    fn out_height(&self) -> usize {
-        (self.height + 2 * self.padding - self.kernel) / self.stride + 1
-    }
-
-    fn out_width(&self) -> usize {
-        (self.width + 2 * self.padding - self.kernel) / self.stride + 1
-    }
-
     fn input_shape(&self) -> Shape {
-        (self.batch, self.in_channels, self.height, self.width).into()
+        let w = &self.windows;
+        (w.batch, w.channels, w.height, w.width).into()
     }
 
     fn weight_shape(&self) -> Shape {
-        let per_group = self.in_channels / self.groups;
-        (self.out_channels, per_group, self.kernel, self.kernel).into()
+        let w = &self.windows;
+        let per_group = w.channels / self.groups;
+        (self.out_channels, per_group, w.kernel, w.kernel).into()
     }
 
     fn output_shape(&self) -> Shape {
-        let (h, w) = (self.out_height(), self.out_width());
-        (self.batch, self.out_channels, h, w).into()
+        let w = &self.windows;
+        (w.batch, self.out_channels, w.out_height(), w.out_width()).into()
     }
 }
 
 /// Returns the cross-correlation of `xs` (NCHW, f32, on a CUDA device) with `weight`, computed
 /// by cuDNN in all three passes.
-pub fn conv2d(
+pub(crate) fn conv2d(
     xs: &Tensor,
     weight: &Tensor,
-    stride: usize,
-    padding: usize,
+    windows: Windows,
+    out_channels: usize,
     groups: usize,
 ) -> candle_core::Result<Tensor> {
-    let (batch, in_channels, height, width) = xs.dims4()?;
-    let (out_channels, _, kernel, _) = weight.dims4()?;
-    let geometry = ConvGeometry {
-        batch,
-        in_channels,
-        height,
-        width,
-        out_channels,
-        kernel,
-        stride,
-        padding,
-        groups,
+    let op = CudnnConv {
+        geometry: ConvGeometry {
+            windows,
+            out_channels,
+            groups,
+        },
+        pass: Pass::Forward,
     };
-    xs.contiguous()?
-        .apply_op2(&weight.contiguous()?, Forward(geometry))
+    xs.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
-/// cuDNN's convolution forward pass; its backward is [`BackwardData`] and [`BackwardFilter`].
-#[derive(Clone, Copy, Debug)]
-struct Forward(ConvGeometry);
+/// Which of cuDNN's three convolution calls a [`CudnnConv`] makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    /// `(input, weight)` to the output; differentiable, by the two others.
+    Forward,
+    /// `(weight, output gradient)` to the input gradient.
+    BackwardData,
+    /// `(input, output gradient)` to the weight gradient.
+    BackwardFilter,
+}
 
-/// The input gradient from `(weight, output gradient)`.
+/// One cuDNN convolution call as a candle op.
 #[derive(Clone, Copy, Debug)]
-struct BackwardData(ConvGeometry);
+struct CudnnConv {
+    geometry: ConvGeometry,
+    pass: Pass,
+}
 
-/// The weight gradient from `(input, output gradient)`.
-#[derive(Clone, Copy, Debug)]
-struct BackwardFilter(ConvGeometry);
+impl CudnnConv {
+    /// The shapes and names of the two operands, then the result's shape.
+    fn shapes(&self) -> ((Shape, &'static str), (Shape, &'static str), Shape) {
+        let g = &self.geometry;
+        let (input, weight, output) = (g.input_shape(), g.weight_shape(), g.output_shape());
+        match self.pass {
+            Pass::Forward => ((input, "input"), (weight, "weight"), output),
+            Pass::BackwardData => ((weight, "weight"), (output, "output gradient"), input),
+            Pass::BackwardFilter => ((input, "input"), (output, "output gradient"), weight),
+        }
+    }
+}
 
 fn cpu_unsupported(op: &str) -> candle_core::Result<(CpuStorage, Shape)> {
     candle_core::bail!("{op} runs on CUDA tensors only (the CPU path is deepmad's im2col)")
 }
 
-impl CustomOp2 for Forward {
+impl CustomOp2 for CudnnConv {
     fn name(&self) -> &'static str {
-        "deepmad-cudnn-conv2d"
+        match self.pass {
+            Pass::Forward => "deepmad-cudnn-conv2d",
+            Pass::BackwardData => "deepmad-cudnn-conv2d-backward-data",
+            Pass::BackwardFilter => "deepmad-cudnn-conv2d-backward-filter",
+        }
     }
 
     fn cpu_fwd(
@@ -135,39 +143,55 @@ impl CustomOp2 for Forward {
 
     fn cuda_fwd(
         &self,
-        xs: &CudaStorage,
-        xs_layout: &Layout,
-        weight: &CudaStorage,
-        weight_layout: &Layout,
+        first: &CudaStorage,
+        first_layout: &Layout,
+        second: &CudaStorage,
+        second_layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let g = self.0;
-        let xs = view(xs, xs_layout, &g.input_shape(), "input")?;
-        let weight_view = view(weight, weight_layout, &g.weight_shape(), "weight")?;
-        let device = weight.device.clone();
-        let shape = g.output_shape();
-        // Safety: cuDNN writes every output element (beta = 0).
-        let mut ys = unsafe { device.alloc::<f32>(shape.elem_count())? };
-        with_plan(&device, g, |plan, workspace| {
-            let op = ConvForward {
-                conv: &plan.conv,
-                x: &plan.x,
-                w: &plan.w,
-                y: &plan.y,
+        let ((first_shape, first_name), (second_shape, second_name), shape) = self.shapes();
+        let a = view(first, first_layout, &first_shape, first_name)?;
+        let b = view(second, second_layout, &second_shape, second_name)?;
+        let device = first.device.clone();
+        // Safety: cuDNN writes every element of the result (beta = 0).
+        let mut out = unsafe { device.alloc::<f32>(shape.elem_count())? };
+        with_plan(&device, self.geometry, |plan, workspace| {
+            let scale = (1f32, 0f32);
+            // Safety: the descriptors were made from this geometry, whose shapes `view` checked
+            // for both operands, and `out` has the result's size.
+            let launched = unsafe {
+                match self.pass {
+                    Pass::Forward => {
+                        let op = ConvForward {
+                            conv: &plan.conv,
+                            x: &plan.x,
+                            w: &plan.w,
+                            y: &plan.y,
+                        };
+                        op.launch(plan.forward, workspace, scale, &a, &b, &mut out)
+                    }
+                    Pass::BackwardData => {
+                        let op = ConvBackwardData {
+                            conv: &plan.conv,
+                            dx: &plan.x,
+                            w: &plan.w,
+                            dy: &plan.y,
+                        };
+                        op.launch(plan.backward_data, workspace, scale, &mut out, &a, &b)
+                    }
+                    Pass::BackwardFilter => {
+                        let op = ConvBackwardFilter {
+                            conv: &plan.conv,
+                            x: &plan.x,
+                            dw: &plan.w,
+                            dy: &plan.y,
+                        };
+                        op.launch(plan.backward_filter, workspace, scale, &a, &mut out, &b)
+                    }
+                }
             };
-            // Safety: the descriptors were made from `g`, whose shapes `view` checked.
-            unsafe {
-                op.launch(
-                    plan.forward,
-                    workspace,
-                    (1f32, 0f32),
-                    &xs,
-                    &weight_view,
-                    &mut ys,
-                )
-            }
-            .map_err(cudnn_error)
+            launched.map_err(cudnn_error)
         })?;
-        Ok((CudaStorage::wrap_cuda_slice(ys, device), shape))
+        Ok((CudaStorage::wrap_cuda_slice(out, device), shape))
     }
 
     fn bwd(
@@ -177,116 +201,17 @@ impl CustomOp2 for Forward {
         _ys: &Tensor,
         grad_ys: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.pass != Pass::Forward {
+            return Err(candle_core::Error::BackwardNotSupported { op: self.name() });
+        }
         let grad_ys = grad_ys.contiguous()?;
-        let grad_xs = weight.apply_op2_no_bwd(&grad_ys, &BackwardData(self.0))?;
-        let grad_weight = xs.apply_op2_no_bwd(&grad_ys, &BackwardFilter(self.0))?;
+        let pass = |pass| CudnnConv {
+            geometry: self.geometry,
+            pass,
+        };
+        let grad_xs = weight.apply_op2_no_bwd(&grad_ys, &pass(Pass::BackwardData))?;
+        let grad_weight = xs.apply_op2_no_bwd(&grad_ys, &pass(Pass::BackwardFilter))?;
         Ok((Some(grad_xs), Some(grad_weight)))
-    }
-}
-
-impl CustomOp2 for BackwardData {
-    fn name(&self) -> &'static str {
-        "deepmad-cudnn-conv2d-backward-data"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        weight: &CudaStorage,
-        weight_layout: &Layout,
-        grad_ys: &CudaStorage,
-        grad_layout: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let g = self.0;
-        let weight_view = view(weight, weight_layout, &g.weight_shape(), "weight")?;
-        let grad_ys = view(grad_ys, grad_layout, &g.output_shape(), "output gradient")?;
-        let device = weight.device.clone();
-        let shape = g.input_shape();
-        // Safety: cuDNN writes every element of the input gradient (beta = 0).
-        let mut grad_xs = unsafe { device.alloc::<f32>(shape.elem_count())? };
-        with_plan(&device, g, |plan, workspace| {
-            let op = ConvBackwardData {
-                conv: &plan.conv,
-                dx: &plan.x,
-                w: &plan.w,
-                dy: &plan.y,
-            };
-            // Safety: as in the forward pass.
-            unsafe {
-                op.launch(
-                    plan.backward_data,
-                    workspace,
-                    (1f32, 0f32),
-                    &mut grad_xs,
-                    &weight_view,
-                    &grad_ys,
-                )
-            }
-            .map_err(cudnn_error)
-        })?;
-        Ok((CudaStorage::wrap_cuda_slice(grad_xs, device), shape))
-    }
-}
-
-impl CustomOp2 for BackwardFilter {
-    fn name(&self) -> &'static str {
-        "deepmad-cudnn-conv2d-backward-filter"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xs_layout: &Layout,
-        grad_ys: &CudaStorage,
-        grad_layout: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let g = self.0;
-        let xs_view = view(xs, xs_layout, &g.input_shape(), "input")?;
-        let grad_ys = view(grad_ys, grad_layout, &g.output_shape(), "output gradient")?;
-        let device = xs.device.clone();
-        let shape = g.weight_shape();
-        // Safety: cuDNN writes every element of the weight gradient (beta = 0).
-        let mut grad_weight = unsafe { device.alloc::<f32>(shape.elem_count())? };
-        with_plan(&device, g, |plan, workspace| {
-            let op = ConvBackwardFilter {
-                conv: &plan.conv,
-                x: &plan.x,
-                dw: &plan.w,
-                dy: &plan.y,
-            };
-            // Safety: as in the forward pass.
-            unsafe {
-                op.launch(
-                    plan.backward_filter,
-                    workspace,
-                    (1f32, 0f32),
-                    &xs_view,
-                    &mut grad_weight,
-                    &grad_ys,
-                )
-            }
-            .map_err(cudnn_error)
-        })?;
-        Ok((CudaStorage::wrap_cuda_slice(grad_weight, device), shape))
     }
 }
 
@@ -336,36 +261,32 @@ impl Plan {
     fn new(cudnn: &Arc<Cudnn>, g: ConvGeometry) -> Result<Plan, cudarc::cudnn::CudnnError> {
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let int = |value: usize| value as std::ffi::c_int;
+        let w = &g.windows;
         let x = cudnn.create_4d_tensor::<f32>(
             nchw,
-            [
-                int(g.batch),
-                int(g.in_channels),
-                int(g.height),
-                int(g.width),
-            ],
+            [int(w.batch), int(w.channels), int(w.height), int(w.width)],
         )?;
-        let w = cudnn.create_4d_filter::<f32>(
+        let filter = cudnn.create_4d_filter::<f32>(
             nchw,
             [
                 int(g.out_channels),
-                int(g.in_channels / g.groups),
-                int(g.kernel),
-                int(g.kernel),
+                int(w.channels / g.groups),
+                int(w.kernel),
+                int(w.kernel),
             ],
         )?;
         let y = cudnn.create_4d_tensor::<f32>(
             nchw,
             [
-                int(g.batch),
+                int(w.batch),
                 int(g.out_channels),
-                int(g.out_height()),
-                int(g.out_width()),
+                int(w.out_height()),
+                int(w.out_width()),
             ],
         )?;
         let mut conv = cudnn.create_conv2d::<f32>(
-            [int(g.padding), int(g.padding)],
-            [int(g.stride), int(g.stride)],
+            [int(w.padding), int(w.padding)],
+            [int(w.stride), int(w.stride)],
             [1, 1],
             sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
         )?;
@@ -375,7 +296,7 @@ impl Plan {
         let forward_op = ConvForward {
             conv: &conv,
             x: &x,
-            w: &w,
+            w: &filter,
             y: &y,
         };
         let forward = forward_op.pick_algorithm()?;
@@ -383,7 +304,7 @@ impl Plan {
         let data_op = ConvBackwardData {
             conv: &conv,
             dx: &x,
-            w: &w,
+            w: &filter,
             dy: &y,
         };
         let backward_data = data_op.pick_algorithm()?;
@@ -391,14 +312,14 @@ impl Plan {
         let filter_op = ConvBackwardFilter {
             conv: &conv,
             x: &x,
-            dw: &w,
+            dw: &filter,
             dy: &y,
         };
         let backward_filter = filter_op.pick_algorithm()?;
         workspace = workspace.max(filter_op.get_workspace_size(backward_filter)?);
         Ok(Plan {
             x,
-            w,
+            w: filter,
             y,
             conv,
             forward,
