@@ -65,7 +65,7 @@ pub struct Stem {
 }
 
 /// One stage: `depth` blocks of one family; the first maps `in_channels -> out` with `stride`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
     pub block: BlockKind,

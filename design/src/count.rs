@@ -99,6 +99,36 @@ pub enum Event {
 /// A scale ends just before every down-sampling (a stride-2 stage or the stem's max pool) that
 /// follows at least one layer, and after the last layer. ResNet-50 at 224 has five scales.
 pub fn walk(net: &Network, visit: &mut impl FnMut(Event)) {
+    walk_outline(net, &mut |item| match item {
+        Outline::Layer(layer) => visit(Event::Layer {
+            layer,
+            count: 1,
+            stage: None,
+        }),
+        Outline::Stage { stage, index, side } => walk_stage(stage, index, side, visit),
+        Outline::ScaleEnd { side, channels } => visit(Event::ScaleEnd { side, channels }),
+    });
+}
+
+/// What [`walk_outline`] reports: [`walk`]'s events, with each stage as one item.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Outline<'a> {
+    /// The stem, the head conv or the classifier (one layer, outside the stages).
+    Layer(Layer),
+    /// A stage whose input feature map has side `side`; [`walk_stage`] lists its layers.
+    Stage {
+        stage: &'a Stage,
+        index: usize,
+        side: u32,
+    },
+    ScaleEnd {
+        side: u32,
+        channels: u32,
+    },
+}
+
+/// [`walk`] at stage granularity: scores that remember what each stage adds fold over this.
+pub(crate) fn walk_outline<'a>(net: &'a Network, visit: &mut impl FnMut(Outline<'a>)) {
     let mut side = net.resolution;
     let stem = Layer {
         role: Role::Stem,
@@ -111,16 +141,12 @@ pub fn walk(net: &Network, visit: &mut impl FnMut(Event)) {
         bias: false,
         batch_norm: true,
     };
-    visit(Event::Layer {
-        layer: stem,
-        count: 1,
-        stage: None,
-    });
+    visit(Outline::Layer(stem));
     side = stem.out_side();
     // A scale is open while layers were visited since the last scale end.
     let mut open = true;
     if net.stem.max_pool {
-        visit(Event::ScaleEnd {
+        visit(Outline::ScaleEnd {
             side,
             channels: net.stem.out,
         });
@@ -130,23 +156,26 @@ pub fn walk(net: &Network, visit: &mut impl FnMut(Event)) {
     let mut channels = net.stem.out;
     for (index, stage) in net.stages.iter().enumerate() {
         if stage.stride > 1 && open {
-            visit(Event::ScaleEnd { side, channels });
+            visit(Outline::ScaleEnd { side, channels });
         }
-        side = walk_stage(stage, index, side, visit);
+        visit(Outline::Stage { stage, index, side });
+        // Only a stage's first block strides (`block_layers`).
+        side = side.div_ceil(stage.stride);
         channels = stage.out;
         open = true;
     }
     if let Some(head) = net.head {
-        let layer = pointwise(Role::Head, channels, head, 1, side);
-        visit(Event::Layer {
-            layer,
-            count: 1,
-            stage: None,
-        });
+        visit(Outline::Layer(pointwise(
+            Role::Head,
+            channels,
+            head,
+            1,
+            side,
+        )));
         channels = head;
     }
-    visit(Event::ScaleEnd { side, channels });
-    let classifier = Layer {
+    visit(Outline::ScaleEnd { side, channels });
+    visit(Outline::Layer(Layer {
         role: Role::Classifier,
         in_channels: channels,
         out_channels: net.num_classes,
@@ -156,16 +185,12 @@ pub fn walk(net: &Network, visit: &mut impl FnMut(Event)) {
         in_side: 1,
         bias: true,
         batch_norm: false,
-    };
-    visit(Event::Layer {
-        layer: classifier,
-        count: 1,
-        stage: None,
-    });
+    }));
 }
 
-/// Visits one stage (its first block, then the identical rest) and returns the output side.
-fn walk_stage(stage: &Stage, index: usize, side: u32, visit: &mut impl FnMut(Event)) -> u32 {
+/// Visits the layers of one stage whose input side is `side`: its first block, then the
+/// identical rest.
+pub(crate) fn walk_stage(stage: &Stage, index: usize, side: u32, visit: &mut impl FnMut(Event)) {
     let mut emit = |layer: Layer, count: u32| {
         if count > 0 {
             visit(Event::Layer {
@@ -189,7 +214,6 @@ fn walk_stage(stage: &Stage, index: usize, side: u32, visit: &mut impl FnMut(Eve
     block_layers(stage, rest, out_side, &mut |layer| {
         emit(layer, stage.depth - 1)
     });
-    out_side
 }
 
 #[derive(Clone, Copy)]

@@ -13,6 +13,7 @@ pub mod arch;
 pub mod classic;
 pub mod count;
 pub mod error;
+mod memo;
 pub mod score;
 pub mod solver;
 pub mod tinynas;

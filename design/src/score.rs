@@ -11,9 +11,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::arch::Network;
-use crate::count::{walk, Event};
+use crate::arch::{Network, Stage};
+use crate::count::{walk, walk_outline, walk_stage, Event, Outline};
 use crate::error::DesignError;
+use crate::memo::{Direct, Ln};
 
 /// Which scoring convention to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -168,21 +169,90 @@ pub fn check_weights(net: &Network, alpha: &[f64], beta: f64) -> Result<(), Desi
 /// Scores `net` in paper mode without allocating. `alpha` must have one weight per scale
 /// (see [`check_weights`]); the solver calls this in its inner loop.
 pub fn score_paper(net: &Network, alpha: &[f64], beta: f64) -> Score {
+    score_paper_with(net, alpha, beta, &mut Direct)
+}
+
+/// The most main-path layer groups a stage has: three in its first block, three in the rest.
+const STAGE_TERMS: usize = 6;
+
+/// What one stage adds to the paper score.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StageTerms {
+    params: u64,
+    flops: u64,
+    layers: u32,
+    /// `count * ln(width)` of each main-path layer group, in layer order: the score adds them
+    /// one by one, so a remembered stage sums exactly as a walked one.
+    log_terms: [f64; STAGE_TERMS],
+    terms: usize,
+}
+
+/// Where the paper score gets a stage's terms and the logarithms: computed ([`Direct`]) or
+/// remembered (the solver's memos).
+pub(crate) trait PaperStages: Ln {
+    fn stage_terms(&mut self, stage: &Stage, side: u32) -> StageTerms;
+}
+
+impl PaperStages for Direct {
+    fn stage_terms(&mut self, stage: &Stage, side: u32) -> StageTerms {
+        stage_terms(stage, side, self)
+    }
+}
+
+/// Folds the layers of `stage` (input side `side`) into its terms.
+pub(crate) fn stage_terms(stage: &Stage, side: u32, ln: &mut impl Ln) -> StageTerms {
+    let mut terms = StageTerms {
+        params: 0,
+        flops: 0,
+        layers: 0,
+        log_terms: [0.0; STAGE_TERMS],
+        terms: 0,
+    };
+    walk_stage(stage, 0, side, &mut |event| {
+        if let Event::Layer { layer, count, .. } = event {
+            terms.params += layer.params() * u64::from(count);
+            terms.flops += layer.macs() * u64::from(count);
+            if layer.role.is_main_path() {
+                terms.layers += count;
+                terms.log_terms[terms.terms] = f64::from(count) * ln.ln(layer.width());
+                terms.terms += 1;
+            }
+        }
+    });
+    terms
+}
+
+/// [`score_paper`] with stage terms and logarithms from `stages` (the solver's memos).
+pub(crate) fn score_paper_with(
+    net: &Network,
+    alpha: &[f64],
+    beta: f64,
+    stages: &mut impl PaperStages,
+) -> Score {
     let mut score = Score::default();
     let mut log_width_sum = 0.0;
     let mut scale = 0;
-    walk(net, &mut |event| match event {
-        Event::Layer { layer, count, .. } => {
-            score.params += layer.params() * u64::from(count);
-            score.flops += layer.macs() * u64::from(count);
+    walk_outline(net, &mut |item| match item {
+        Outline::Layer(layer) => {
+            score.params += layer.params();
+            score.flops += layer.macs();
             if layer.role.is_main_path() {
-                score.layers += count;
-                log_width_sum += f64::from(count) * layer.width().ln();
+                score.layers += 1;
+                log_width_sum += stages.ln(layer.width());
             }
         }
-        Event::ScaleEnd { side, channels } => {
+        Outline::Stage { stage, side, .. } => {
+            let terms = stages.stage_terms(stage, side);
+            score.params += terms.params;
+            score.flops += terms.flops;
+            score.layers += terms.layers;
+            for term in &terms.log_terms[..terms.terms] {
+                log_width_sum += term;
+            }
+        }
+        Outline::ScaleEnd { side, channels } => {
             let weight = alpha.get(scale).copied().unwrap_or(0.0);
-            score.entropy += weight * scale_entropy(side, channels, log_width_sum);
+            score.entropy += weight * scale_entropy(side, channels, log_width_sum, stages);
             scale += 1;
         }
     });
@@ -193,9 +263,27 @@ pub fn score_paper(net: &Network, alpha: &[f64], beta: f64) -> Score {
     score
 }
 
+/// Returns the params and FLOPs of `net` (what budgets bound), without scoring it.
+pub(crate) fn budget_paper(net: &Network, stages: &mut impl PaperStages) -> (u64, u64) {
+    let (mut params, mut flops) = (0, 0);
+    walk_outline(net, &mut |item| match item {
+        Outline::Layer(layer) => {
+            params += layer.params();
+            flops += layer.macs();
+        }
+        Outline::Stage { stage, side, .. } => {
+            let terms = stages.stage_terms(stage, side);
+            params += terms.params;
+            flops += terms.flops;
+        }
+        Outline::ScaleEnd { .. } => {}
+    });
+    (params, flops)
+}
+
 /// Eq. (4): `ln(r^2 c) * sum ln w`.
-fn scale_entropy(side: u32, channels: u32, log_width_sum: f64) -> f64 {
-    (f64::from(side) * f64::from(side) * f64::from(channels)).ln() * log_width_sum
+fn scale_entropy(side: u32, channels: u32, log_width_sum: f64, ln: &mut impl Ln) -> f64 {
+    ln.ln(f64::from(side) * f64::from(side) * f64::from(channels)) * log_width_sum
 }
 
 /// Eq. (2) with Prop. 1's geometric-mean width: `L / exp(sum ln w / L)`.
@@ -263,7 +351,7 @@ pub fn analyze_paper(net: &Network, alpha: &[f64], beta: f64) -> Result<Analysis
             channels,
             log_width_sum,
             alpha: alpha[scales.len()],
-            entropy: scale_entropy(side, channels, log_width_sum),
+            entropy: scale_entropy(side, channels, log_width_sum, &mut Direct),
         }),
     });
     Ok(Analysis {

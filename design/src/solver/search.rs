@@ -77,6 +77,8 @@ pub(crate) fn population_search(ctx: &Ctx, start: &Network, seed: u64) -> Vec<(N
         population.push((member, eval));
     }
     let vars = ctx.vars();
+    // The worst member changes only when a child replaces it.
+    let mut worst = worst_member(&population);
     for _ in 0..CHILDREN {
         let parent = &population[rng.below(POPULATION as u32) as usize].0;
         let mut child = parent.clone();
@@ -91,9 +93,9 @@ pub(crate) fn population_search(ctx: &Ctx, start: &Network, seed: u64) -> Vec<(N
         if !eval.feasible() && population[0].1.feasible() {
             continue;
         }
-        let worst = worst_member(&population);
         if eval.at_least(&population[worst].1) {
             population[worst] = (child, eval);
+            worst = worst_member(&population);
         }
     }
     population.sort_by(|a, b| {
@@ -193,7 +195,7 @@ fn perturb(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
 fn repair(ctx: &Ctx, net: &mut Network, widths: &[Var], rng: &mut Rng) {
     let offset = rng.below(widths.len() as u32) as usize;
     for index in 0..widths.len() {
-        if ctx.within_budget(&ctx.evaluate(net).score) {
+        if ctx.within_budget(net) {
             return;
         }
         ctx.fit(net, widths[(offset + index) % widths.len()]);

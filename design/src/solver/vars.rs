@@ -6,11 +6,14 @@
 //! levels a variable may take with every other variable fixed, so every move stays inside the
 //! space (non-decreasing widths, growth limit, inner-width bounds) by construction.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use crate::arch::{Mid, Network, Stage, Stem};
-use crate::score::{score_paper, ObjectiveKind, Score};
-use crate::tinynas::{score_tinynas, TinyNet};
+use crate::memo::{Ln, LnMemo, Memo};
+use crate::score::{
+    budget_paper, score_paper_with, stage_terms, ObjectiveKind, PaperStages, Score, StageTerms,
+};
+use crate::tinynas::{self, score_tinynas_with, BlockCounter, BlockCounts, TinyBlock};
 
 use super::problem::{Problem, SearchSpace};
 
@@ -61,13 +64,16 @@ impl Eval {
     }
 }
 
-/// Everything the search needs about the problem, precomputed once.
-#[derive(Debug)]
+/// Everything the search needs about the problem, precomputed once, and the scratch space
+/// its evaluations reuse.
 pub(crate) struct Ctx<'a> {
     pub problem: &'a Problem,
     pub space: SearchSpace,
     pub alpha: Vec<f64>,
+    /// Candidates scored or budget-checked.
     pub evaluations: Cell<u64>,
+    /// What stages, blocks and logarithms scored so far gave (see [`Memos`]).
+    memos: RefCell<Memos>,
 }
 
 impl<'a> Ctx<'a> {
@@ -77,6 +83,7 @@ impl<'a> Ctx<'a> {
             space: problem.space(),
             alpha: problem.alpha(),
             evaluations: Cell::new(0),
+            memos: RefCell::new(Memos::new()),
         }
     }
 
@@ -304,17 +311,27 @@ impl<'a> Ctx<'a> {
     /// Scores `net` under the problem's objective and measures its constraint violation.
     pub(crate) fn evaluate(&self, net: &Network) -> Eval {
         self.evaluations.set(self.evaluations.get() + 1);
+        let memos = &mut *self.memos.borrow_mut();
+        let (alpha, beta) = (&self.alpha, self.problem.beta);
         let score = match self.problem.objective {
-            ObjectiveKind::Paper => score_paper(net, &self.alpha, self.problem.beta),
+            ObjectiveKind::Paper => score_paper_with(net, alpha, beta, memos),
             ObjectiveKind::Tinynas => {
-                let tiny =
-                    TinyNet::from_network(net).expect("solver designs are TinyNAS-expressible");
-                score_tinynas(&tiny, net.resolution, &self.alpha, self.problem.beta)
+                score_tinynas_with(tinynas::blocks(net), net.resolution, alpha, beta, memos)
             }
         };
         Eval {
             score,
             violation: self.violation(&score),
+        }
+    }
+
+    /// Returns the params and FLOPs of `net` under the problem's objective's conventions.
+    fn budget(&self, net: &Network) -> (u64, u64) {
+        self.evaluations.set(self.evaluations.get() + 1);
+        let memos = &mut *self.memos.borrow_mut();
+        match self.problem.objective {
+            ObjectiveKind::Paper => budget_paper(net, memos),
+            ObjectiveKind::Tinynas => tinynas::budget(tinynas::blocks(net), net.resolution, memos),
         }
     }
 
@@ -334,10 +351,11 @@ impl<'a> Ctx<'a> {
         total
     }
 
-    /// Returns true when the params and FLOPs budgets hold (rho and layers aside).
-    pub(crate) fn within_budget(&self, score: &Score) -> bool {
-        self.problem.params.is_none_or(|p| score.params <= p)
-            && self.problem.flops.is_none_or(|f| score.flops <= f)
+    /// Returns true when `net` holds the params and FLOPs budgets (rho and layers aside).
+    pub(crate) fn within_budget(&self, net: &Network) -> bool {
+        let (params, flops) = self.budget(net);
+        self.problem.params.is_none_or(|p| params <= p)
+            && self.problem.flops.is_none_or(|f| flops <= f)
     }
 
     /// Sets width `var` to the largest level whose design stays within the params and FLOPs
@@ -346,13 +364,13 @@ impl<'a> Ctx<'a> {
     pub(crate) fn fit(&self, net: &mut Network, var: Var) -> bool {
         let (mut low, mut high) = self.range(net, var);
         self.set(net, var, low);
-        if !self.within_budget(&self.evaluate(net).score) {
+        if !self.within_budget(net) {
             return false;
         }
         while low < high {
             let middle = low + (high - low).div_ceil(2);
             self.set(net, var, middle);
-            if self.within_budget(&self.evaluate(net).score) {
+            if self.within_budget(net) {
                 low = middle;
             } else {
                 high = middle - 1;
@@ -363,9 +381,124 @@ impl<'a> Ctx<'a> {
     }
 }
 
+/// The solver's memos. Candidates differ from their parents in one or two stages, so most
+/// stages (paper mode) or blocks (TinyNAS mode) of a candidate were scored before; a
+/// remembered value is the one computed then, so scores are bit-for-bit the direct ones.
+struct Memos {
+    stages: Memo<(Stage, u32), StageTerms>,
+    blocks: Memo<(TinyBlock, u64), BlockCounts>,
+    logs: LnMemo,
+}
+
+impl Memos {
+    fn new() -> Memos {
+        Memos {
+            stages: Memo::new(12),
+            blocks: Memo::new(12),
+            logs: LnMemo::new(),
+        }
+    }
+}
+
+impl Ln for Memos {
+    fn ln(&mut self, x: f64) -> f64 {
+        self.logs.ln(x)
+    }
+}
+
+impl PaperStages for Memos {
+    fn stage_terms(&mut self, stage: &Stage, side: u32) -> StageTerms {
+        let logs = &mut self.logs;
+        self.stages
+            .get_or((*stage, side), || stage_terms(stage, side, logs))
+    }
+}
+
+impl BlockCounter for Memos {
+    fn block_counts(&mut self, block: &TinyBlock, side: f64) -> BlockCounts {
+        let logs = &mut self.logs;
+        self.blocks.get_or((*block, side.to_bits()), || {
+            tinynas::block_counts(block, side, logs)
+        })
+    }
+}
+
 fn mid_width(stage: &Stage) -> u32 {
     match stage.mid {
         Some(Mid::Width(width)) => width,
         _ => unreachable!("solver stages always carry an absolute inner width"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::search::Rng;
+    use super::super::Family;
+    use super::*;
+    use crate::score::score_paper;
+    use crate::tinynas::{score_tinynas, TinyNet};
+
+    /// Random designs of `problem`'s space: every variable at a random level of its range.
+    fn random_designs(ctx: &Ctx, count: usize) -> Vec<Network> {
+        let mut rng = Rng::new(7);
+        (0..count)
+            .map(|_| {
+                let mut net = ctx.minimal();
+                for _ in 0..3 {
+                    for var in ctx.vars() {
+                        let (low, high) = ctx.range(&net, var);
+                        ctx.set(&mut net, var, rng.between(low, high));
+                    }
+                }
+                net
+            })
+            .collect()
+    }
+
+    /// The solver's memoised scoring and budget-only counting agree bit for bit with the
+    /// public scores, so the search decides exactly what the reported analysis says.
+    #[test]
+    fn fast_evaluation_is_the_public_score() {
+        for objective in [ObjectiveKind::Paper, ObjectiveKind::Tinynas] {
+            let families = [
+                Family::Basic,
+                Family::Bottleneck,
+                Family::Mbconv,
+                Family::MbconvSe,
+            ];
+            for (family, resolution) in families.into_iter().zip([224, 32, 160, 224]) {
+                if objective == ObjectiveKind::Tinynas && family == Family::Basic {
+                    continue;
+                }
+                let mut problem = Problem::new(family, Some(20_000_000), None, 0.5);
+                problem.objective = objective;
+                // TinyNAS scores five stages, which small inputs do not have.
+                problem.resolution = match objective {
+                    ObjectiveKind::Tinynas => resolution.max(192),
+                    ObjectiveKind::Paper => resolution,
+                };
+                problem.validate().unwrap();
+                let ctx = Ctx::new(&problem);
+                for net in random_designs(&ctx, 300) {
+                    let fast = ctx.evaluate(&net).score;
+                    let reference = match objective {
+                        ObjectiveKind::Paper => score_paper(&net, &ctx.alpha, problem.beta),
+                        ObjectiveKind::Tinynas => score_tinynas(
+                            &TinyNet::from_network(&net).unwrap(),
+                            net.resolution,
+                            &ctx.alpha,
+                            problem.beta,
+                        ),
+                    };
+                    assert_eq!(fast, reference, "{objective:?} {family:?} {net:?}");
+                    assert_eq!(
+                        fast.objective.to_bits(),
+                        reference.objective.to_bits(),
+                        "{net:?}"
+                    );
+                    assert_eq!(ctx.budget(&net), (fast.params, fast.flops), "{net:?}");
+                }
+            }
+        }
     }
 }

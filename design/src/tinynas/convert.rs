@@ -32,25 +32,12 @@ impl TinyNet {
                         .into(),
             });
         }
-        let mut blocks = Vec::with_capacity(net.stages.len() + 2);
-        blocks.push(TinyBlock::Conv {
-            in_channels: net.in_channels,
-            out: net.stem.out,
-            kernel: net.stem.kernel,
-            stride: net.stem.stride,
-        });
         for (index, stage) in net.stages.iter().enumerate() {
-            blocks.push(super_block_of(stage, index)?);
+            super_block_of(stage, index)?;
         }
-        if let Some(head) = net.head {
-            blocks.push(TinyBlock::Conv {
-                in_channels: net.stages.last().map_or(net.stem.out, |stage| stage.out),
-                out: head,
-                kernel: 1,
-                stride: 1,
-            });
-        }
-        Ok(TinyNet { blocks })
+        Ok(TinyNet {
+            blocks: blocks(net).collect(),
+        })
     }
 
     /// Converts to an IR network with ReLU activations for `num_classes` classes at
@@ -91,6 +78,27 @@ impl TinyNet {
         network.validate()?;
         Ok(network)
     }
+}
+
+/// Returns the blocks of `net`'s structure without allocating (the solver converts millions
+/// of candidates). Every stage must convert (see [`TinyNet::from_network`]).
+pub(crate) fn blocks(net: &Network) -> impl Iterator<Item = TinyBlock> + Clone + '_ {
+    let stem = TinyBlock::Conv {
+        in_channels: net.in_channels,
+        out: net.stem.out,
+        kernel: net.stem.kernel,
+        stride: net.stem.stride,
+    };
+    let head = net.head.map(|head| TinyBlock::Conv {
+        in_channels: net.stages.last().map_or(net.stem.out, |stage| stage.out),
+        out: head,
+        kernel: 1,
+        stride: 1,
+    });
+    let stages = net.stages.iter().enumerate().map(|(index, stage)| {
+        super_block_of(stage, index).expect("the caller checked that every stage converts")
+    });
+    std::iter::once(stem).chain(stages).chain(head)
 }
 
 /// Converts the blocks after the stem: super-blocks to stages, a trailing 1x1 stride-1

@@ -1,7 +1,8 @@
 //! The official code's per-block counts and its walk over blocks and stages (conventions and
 //! their sources in the module doc of [`crate::tinynas`]).
 
-use super::{SuperBlock, TinyBlock, TinyNet};
+use super::{SuperBlock, TinyBlock};
+use crate::memo::{Direct, Ln};
 
 /// The resolution the official score always uses for feature-map sides
 /// (`ComputeDeepMadScore(image_size = 224)`), whatever resolution FLOPs are counted at.
@@ -9,7 +10,7 @@ pub const SCORE_RESOLUTION: u32 = 224;
 
 /// What one block contributes.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub(super) struct BlockCounts {
+pub(crate) struct BlockCounts {
     pub params: u64,
     /// That code's float FLOPs, before rounding.
     pub flops: f64,
@@ -22,38 +23,46 @@ pub(super) struct BlockCounts {
 
 /// What [`walk`] reports, in network order.
 #[derive(Clone, Copy, Debug)]
-pub(super) enum Event<'a> {
+pub(super) enum Event {
     /// A block, its counts and its output side at the counting resolution (integer division,
     /// as `get_output_resolution`, but without SE's reset to 1).
     Block {
-        block: &'a TinyBlock,
+        block: TinyBlock,
         counts: BlockCounts,
         side: u32,
     },
-    /// A stage ends: its channels and its feature-map side as the score sees it.
-    StageEnd { side: u32, channels: u32 },
+    /// A stage ends: its channels and its feature-map side as the score sees it, and
+    /// `ln channels + ln(side^2)`.
+    StageEnd {
+        side: u32,
+        channels: u32,
+        log_size: f64,
+    },
 }
 
-/// Visits every block of `net` at `resolution` and marks where each stage ends
+/// Visits every block of a structure at `resolution` and marks where each stage ends
 /// (`CnnNet.get_stage_info`: before every stride-2 block but the first block, and at the last).
-pub(super) fn walk<'a>(net: &'a TinyNet, resolution: u32, visit: &mut impl FnMut(Event<'a>)) {
+pub(super) fn walk(
+    blocks: impl Iterator<Item = TinyBlock>,
+    resolution: u32,
+    counter: &mut impl BlockCounter,
+    visit: &mut impl FnMut(Event),
+) {
     // FLOPs divide the side with real division (`CnnNet.get_flops`).
     let mut flops_side = f64::from(resolution);
     let mut side = resolution;
     // The score's side divides with integer division and is 1 after SE
     // (`get_output_resolution`, `SE.get_output_resolution`).
     let mut score_side = SCORE_RESOLUTION;
-    let last = net.blocks.len().saturating_sub(1);
-    for (index, block) in net.blocks.iter().enumerate() {
+    let mut blocks = blocks.peekable();
+    let mut previous_out = None;
+    while let Some(block) = blocks.next() {
         let stride = block.stride();
-        if index > 0 && stride == 2 {
-            let channels = net.blocks[index - 1].out();
-            visit(Event::StageEnd {
-                side: score_side,
-                channels,
-            });
+        if let Some(channels) = previous_out.filter(|_| stride == 2) {
+            visit(stage_end(score_side, channels, counter));
         }
-        let counts = block_counts(block, flops_side);
+        previous_out = Some(block.out());
+        let counts = counter.block_counts(&block, flops_side);
         flops_side /= f64::from(stride);
         side /= stride;
         score_side = match block {
@@ -65,32 +74,67 @@ pub(super) fn walk<'a>(net: &'a TinyNet, resolution: u32, visit: &mut impl FnMut
             counts,
             side,
         });
-        if index == last {
-            visit(Event::StageEnd {
-                side: score_side,
-                channels: block.out(),
-            });
+        if blocks.peek().is_none() {
+            visit(stage_end(score_side, block.out(), counter));
         }
     }
 }
 
+fn stage_end(side: u32, channels: u32, ln: &mut impl Ln) -> Event {
+    let squared = f64::from(side) * f64::from(side);
+    Event::StageEnd {
+        side,
+        channels,
+        log_size: ln.ln(f64::from(channels)) + ln.ln(squared),
+    }
+}
+
+/// Returns the params and FLOPs of a structure at `resolution` (what budgets bound).
+pub(crate) fn budget(
+    blocks: impl Iterator<Item = TinyBlock>,
+    resolution: u32,
+    counter: &mut impl BlockCounter,
+) -> (u64, u64) {
+    let (mut params, mut flops) = (0, 0.0);
+    let mut side = f64::from(resolution);
+    for block in blocks {
+        let counts = counter.block_counts(&block, side);
+        params += counts.params;
+        flops += counts.flops;
+        side /= f64::from(block.stride());
+    }
+    (params, flops.round() as u64)
+}
+
+/// Where the walk gets a block's counts and the logarithms: computed ([`Direct`]) or
+/// remembered (the solver's memos).
+pub(crate) trait BlockCounter: Ln {
+    fn block_counts(&mut self, block: &TinyBlock, side: f64) -> BlockCounts;
+}
+
+impl BlockCounter for Direct {
+    fn block_counts(&mut self, block: &TinyBlock, side: f64) -> BlockCounts {
+        block_counts(block, side, self)
+    }
+}
+
 /// Returns the counts of one block whose input side is `side`.
-pub(super) fn block_counts(block: &TinyBlock, side: f64) -> BlockCounts {
+pub(crate) fn block_counts(block: &TinyBlock, side: f64, ln: &mut impl Ln) -> BlockCounts {
     let (shape, kind) = match block {
         TinyBlock::Conv {
             in_channels,
             out,
             kernel,
             stride,
-        } => return conv_counts(*in_channels, *out, *kernel, *stride, side),
+        } => return conv_counts(*in_channels, *out, *kernel, *stride, side, ln),
         TinyBlock::Bottleneck(shape) => (shape, Kind::Bottleneck),
         TinyBlock::Depthwise(shape) => (shape, Kind::Depthwise),
         TinyBlock::DepthwiseSe(shape) => (shape, Kind::DepthwiseSe),
     };
     // `BaseSuperBlock`: the first sub-block maps in -> out with the stride, the rest are equal
     // and see the side divided by the stride.
-    let first = sub_block(kind, shape, shape.in_channels, shape.stride, true);
-    let rest = sub_block(kind, shape, shape.out, 1, false);
+    let first = sub_block(kind, shape, shape.in_channels, shape.stride, true, ln);
+    let rest = sub_block(kind, shape, shape.out, 1, false, ln);
     let others = shape.depth - 1;
     let s2 = f64::from(shape.stride * shape.stride);
     BlockCounts {
@@ -103,16 +147,23 @@ pub(super) fn block_counts(block: &TinyBlock, side: f64) -> BlockCounts {
 }
 
 /// `ConvKXBNRELU`: `ConvKXBN` (weights + BN, 2 c_out per position) plus ReLU (c_out).
-fn conv_counts(cin: u32, cout: u32, kernel: u32, stride: u32, side: f64) -> BlockCounts {
+fn conv_counts(
+    cin: u32,
+    cout: u32,
+    kernel: u32,
+    stride: u32,
+    side: f64,
+    ln: &mut impl Ln,
+) -> BlockCounts {
     let weights = u64::from(cin) * u64::from(cout) * u64::from(kernel * kernel);
     let s2 = f64::from(stride * stride);
-    let width = f64::from(cin) * f64::from(kernel * kernel);
+    let log_width = ln.ln(f64::from(cin) * f64::from(kernel * kernel));
     BlockCounts {
         params: weights + 2 * u64::from(cout),
         flops: side * side * (weights as f64 + 3.0 * f64::from(cout)) / s2,
         layers: 1,
-        log_sum: 0.5 * width.ln(),
-        log_width_sum: width.ln(),
+        log_sum: 0.5 * log_width,
+        log_width_sum: log_width,
     }
 }
 
@@ -158,10 +209,11 @@ impl SubShape {
     }
 }
 
-/// Returns one sub-block with `cin` inputs and `stride`; `first` marks the super-block's first.
-fn sub_block(kind: Kind, shape: &SuperBlock, cin: u32, stride: u32, first: bool) -> SubBlock {
+/// Returns the shape of one sub-block with `cin` inputs and `stride`; `first` marks the
+/// super-block's first.
+fn sub_shape(kind: Kind, shape: &SuperBlock, cin: u32, stride: u32, first: bool) -> SubShape {
     let depthwise = kind != Kind::Bottleneck;
-    let sub = SubShape {
+    SubShape {
         cin,
         btn: shape.btn,
         cout: shape.out,
@@ -169,39 +221,53 @@ fn sub_block(kind: Kind, shape: &SuperBlock, cin: u32, stride: u32, first: bool)
         stride,
         depthwise,
         projection: !depthwise && (first || cin != shape.out),
-    };
-    let mut params = sub_params(&sub);
-    if kind == Kind::DepthwiseSe {
-        let (btn, squeeze) = (u64::from(shape.btn), se_width(shape.btn));
-        params += btn * squeeze + 2 * squeeze + squeeze * btn + 2 * btn;
     }
+}
+
+/// Returns one sub-block with `cin` inputs and `stride`; `first` marks the super-block's first.
+fn sub_block(
+    kind: Kind,
+    shape: &SuperBlock,
+    cin: u32,
+    stride: u32,
+    first: bool,
+    ln: &mut impl Ln,
+) -> SubBlock {
+    let sub = sub_shape(kind, shape, cin, stride, first);
     let (cin, btn, k2) = (
         f64::from(cin),
         f64::from(shape.btn),
         f64::from(shape.kernel * shape.kernel),
     );
-    let (log_term, log_width) = if depthwise {
-        (0.5 * (cin.ln() + k2.ln() + btn.ln()), (cin * k2 * btn).ln())
+    let (log_term, log_width) = if sub.depthwise {
+        (
+            0.5 * (ln.ln(cin) + ln.ln(k2) + ln.ln(btn)),
+            ln.ln(cin * k2 * btn),
+        )
     } else {
         (
-            0.5 * (cin.ln() + (btn * k2).ln() + btn.ln()),
-            (cin * btn * k2 * btn).ln(),
+            0.5 * (ln.ln(cin) + ln.ln(btn * k2) + ln.ln(btn)),
+            ln.ln(cin * btn * k2 * btn),
         )
     };
     SubBlock {
-        params,
+        params: sub_params(kind, &sub),
         flops: sub_flops(&sub),
         log_term,
         log_width,
     }
 }
 
-/// Returns the parameters of the three convs, their BNs and the projection (SE aside).
-fn sub_params(sub: &SubShape) -> u64 {
+/// Returns the parameters of the three convs, their BNs, the projection and the SE.
+fn sub_params(kind: Kind, sub: &SubShape) -> u64 {
     let (cin, btn, cout) = (u64::from(sub.cin), u64::from(sub.btn), u64::from(sub.cout));
     let mut params = cin * btn + 2 * btn + sub.spatial_weights() + 2 * btn + btn * cout + 2 * cout;
     if sub.projection {
         params += cin * cout + 2 * cout;
+    }
+    if kind == Kind::DepthwiseSe {
+        let squeeze = se_width(sub.btn);
+        params += btn * squeeze + 2 * squeeze + squeeze * btn + 2 * btn;
     }
     params
 }
@@ -267,11 +333,15 @@ mod tests {
     /// Hand counts from the formulas of the module doc, one block of each kind.
     #[test]
     fn single_blocks_by_hand() {
-        let stem = block_counts(&conv(3, 32, 3, 2), 224.0);
+        let stem = block_counts(&conv(3, 32, 3, 2), 224.0, &mut Direct);
         assert_eq!(stem.params, 3 * 32 * 9 + 64);
         assert_eq!(stem.flops, 224.0 * 224.0 * (864.0 + 96.0) / 4.0);
         // SuperResK1KXK1 (32, 104, btn 32, k3, s2, L1): one sub-block, with projection and pool.
-        let bottleneck = block_counts(&TinyBlock::Bottleneck(shape(32, 104, 32, 3, 2, 1)), 112.0);
+        let bottleneck = block_counts(
+            &TinyBlock::Bottleneck(shape(32, 104, 32, 3, 2, 1)),
+            112.0,
+            &mut Direct,
+        );
         let params = 32 * 32 + 64 + 32 * 32 * 9 + 64 + 32 * 104 + 208 + 32 * 104 + 208;
         assert_eq!(bottleneck.params, params);
         let per_position = 32.0 * 32.0
@@ -286,7 +356,11 @@ mod tests {
         assert_eq!(bottleneck.flops, 112.0 * 112.0 * per_position);
         // SuperResK1DWK1 (16, 16, btn 48, k3, s2, L2): residual (in == out), so the pool counts;
         // the second sub-block sees side 56 and no pool.
-        let depthwise = block_counts(&TinyBlock::Depthwise(shape(16, 16, 48, 3, 2, 2)), 112.0);
+        let depthwise = block_counts(
+            &TinyBlock::Depthwise(shape(16, 16, 48, 3, 2, 2)),
+            112.0,
+            &mut Direct,
+        );
         let sub_params = 16 * 48 + 96 + 48 * 9 + 96 + 48 * 16 + 32;
         assert_eq!(depthwise.params, 2 * sub_params);
         let common = |s2: f64| {
@@ -298,7 +372,11 @@ mod tests {
         );
         assert_eq!(depthwise.layers, 6);
         // The SE variant adds 2 x (48 x 8 + 2 x ...) parameters and no FLOPs.
-        let se = block_counts(&TinyBlock::DepthwiseSe(shape(16, 16, 48, 3, 2, 2)), 112.0);
+        let se = block_counts(
+            &TinyBlock::DepthwiseSe(shape(16, 16, 48, 3, 2, 2)),
+            112.0,
+            &mut Direct,
+        );
         assert_eq!(
             se.params,
             depthwise.params + 2 * (48 * 8 + 16 + 8 * 48 + 96)

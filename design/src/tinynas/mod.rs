@@ -94,7 +94,10 @@ mod format;
 mod literal;
 mod score;
 
+pub(crate) use convert::blocks;
 pub use count::SCORE_RESOLUTION;
+pub(crate) use count::{block_counts, budget, BlockCounter, BlockCounts};
+pub(crate) use score::score_tinynas_with;
 pub use score::{analyze_tinynas, score_tinynas};
 
 use crate::arch::MAX_DIMENSION;

@@ -1,33 +1,34 @@
 //! The official code's DeepMAD score of a TinyNAS structure (conventions and their sources in
 //! the module doc of [`crate::tinynas`]).
 
-use super::count::{walk, BlockCounts, Event};
+use super::count::{walk, BlockCounter, BlockCounts, Event};
 use super::{TinyBlock, TinyNet};
 use crate::arch::MAX_DIMENSION;
 use crate::error::DesignError;
+use crate::memo::Direct;
 use crate::score::{effectiveness, Analysis, ObjectiveKind, ScaleTerm, Score, StageReport};
 
 /// The number of stages (and alpha weights) the score needs.
 const STAGES: usize = 5;
 
-/// `ComputeDeepMadScore.ratio_score`: `[ln C + ln(H^2)] * S` for one stage.
-fn stage_entropy(side: u32, channels: u32, log_sum: f64) -> f64 {
-    let side = f64::from(side);
-    (f64::from(channels).ln() + (side * side).ln()) * log_sum
+/// `ComputeDeepMadScore.ratio_score`: `[ln C + ln(H^2)] * S` for one stage, from the walk's
+/// `ln C + ln(H^2)`.
+fn stage_entropy(log_size: f64, log_sum: f64) -> f64 {
+    log_size * log_sum
 }
 
 /// `Strategy.get_info_for_evolution`: `exp(std(L))` over the super-blocks' L values, the first
 /// two dropped when the second block is a `SuperResK1KXK1`; 1 when no value is left.
-fn depth_penalty(net: &TinyNet) -> f64 {
-    let skip = if matches!(net.blocks.get(1), Some(TinyBlock::Bottleneck(_))) {
+fn depth_penalty(blocks: impl Iterator<Item = TinyBlock> + Clone) -> f64 {
+    let skip = if matches!(blocks.clone().nth(1), Some(TinyBlock::Bottleneck(_))) {
         2
     } else {
         0
     };
     let depths = || {
-        net.blocks
-            .iter()
-            .filter_map(TinyBlock::super_block)
+        blocks
+            .clone()
+            .filter_map(|block| block.super_block().copied())
             .skip(skip)
             .map(|shape| f64::from(shape.depth))
     };
@@ -45,6 +46,23 @@ fn depth_penalty(net: &TinyNet) -> f64 {
 /// the solver calls this in its inner loop. `alpha` must have 5 entries and `net` 5 stages
 /// (see [`analyze_tinynas`], which checks both).
 pub fn score_tinynas(net: &TinyNet, resolution: u32, alpha: &[f64], beta: f64) -> Score {
+    score_tinynas_with(
+        net.blocks.iter().copied(),
+        resolution,
+        alpha,
+        beta,
+        &mut Direct,
+    )
+}
+
+/// [`score_tinynas`] with block counts and logarithms from `counter` (the solver's memos).
+pub(crate) fn score_tinynas_with(
+    blocks: impl Iterator<Item = TinyBlock> + Clone,
+    resolution: u32,
+    alpha: &[f64],
+    beta: f64,
+    counter: &mut impl BlockCounter,
+) -> Score {
     debug_assert_eq!(
         alpha.len(),
         STAGES,
@@ -53,27 +71,32 @@ pub fn score_tinynas(net: &TinyNet, resolution: u32, alpha: &[f64], beta: f64) -
     let mut score = Score::default();
     let (mut flops, mut log_sum, mut log_width_sum) = (0.0, 0.0, 0.0);
     let (mut stage, mut rho) = (0, 0.0_f64);
-    walk(net, resolution, &mut |event| match event {
-        Event::Block { counts, .. } => {
-            score.params += counts.params;
-            score.layers += counts.layers;
-            flops += counts.flops;
-            log_sum += counts.log_sum;
-            log_width_sum += counts.log_width_sum;
-        }
-        Event::StageEnd { side, channels } => {
-            let weight = alpha.get(stage).copied().unwrap_or(0.0);
-            // `ratio_score` skips a stage whose weight is 0 (no 0 * -inf).
-            if weight != 0.0 {
-                score.entropy += weight * stage_entropy(side, channels, log_sum);
+    walk(
+        blocks.clone(),
+        resolution,
+        counter,
+        &mut |event| match event {
+            Event::Block { counts, .. } => {
+                score.params += counts.params;
+                score.layers += counts.layers;
+                flops += counts.flops;
+                log_sum += counts.log_sum;
+                log_width_sum += counts.log_width_sum;
             }
-            rho = rho.max(effectiveness(score.layers, log_width_sum));
-            stage += 1;
-        }
-    });
+            Event::StageEnd { log_size, .. } => {
+                let weight = alpha.get(stage).copied().unwrap_or(0.0);
+                // `ratio_score` skips a stage whose weight is 0 (no 0 * -inf).
+                if weight != 0.0 {
+                    score.entropy += weight * stage_entropy(log_size, log_sum);
+                }
+                rho = rho.max(effectiveness(score.layers, log_width_sum));
+                stage += 1;
+            }
+        },
+    );
     score.flops = round_flops(flops);
     score.effectiveness = rho;
-    score.penalty = depth_penalty(net);
+    score.penalty = depth_penalty(blocks);
     score.objective = score.entropy - beta * score.penalty;
     score
 }
@@ -138,21 +161,26 @@ fn terms_and_rows(
     let mut scales = Vec::with_capacity(STAGES);
     let mut stages = Vec::with_capacity(net.blocks.len());
     let mut log_sum = 0.0;
-    walk(net, resolution, &mut |event| match event {
+    let blocks = net.blocks.iter().copied();
+    walk(blocks, resolution, &mut Direct, &mut |event| match event {
         Event::Block {
             block,
             counts,
             side,
         } => {
             log_sum += counts.log_sum;
-            stages.push(report(block, &counts, side));
+            stages.push(report(&block, &counts, side));
         }
-        Event::StageEnd { side, channels } => scales.push(ScaleTerm {
+        Event::StageEnd {
+            side,
+            channels,
+            log_size,
+        } => scales.push(ScaleTerm {
             side,
             channels,
             log_width_sum: log_sum,
             alpha: alpha.get(scales.len()).copied().unwrap_or(0.0),
-            entropy: stage_entropy(side, channels, log_sum),
+            entropy: stage_entropy(log_size, log_sum),
         }),
     });
     (scales, stages)
