@@ -8,12 +8,14 @@
 //! Environment: `DEEPMAD_BENCH_DATABASE_URL` (default: a fresh database
 //! `deepmad_bench_<uuid>` on `postgres://postgres@127.0.0.1:5432`, dropped at the end),
 //! `DEEPMAD_BENCH_POOL` (connections, default 16), `DEEPMAD_BENCH_SECONDS` (per load phase,
-//! default 10), `DEEPMAD_BENCH_RESULTS` (bulk results for the leaderboard, default 1000000).
+//! default 10), `DEEPMAD_BENCH_RATE` (cycles/s the paced phase offers, default 2000),
+//! `DEEPMAD_BENCH_RESULTS` (bulk results for the leaderboard, default 1000000).
 //!
 //! Phases: (1) saturated: 200 workers claim and complete back to back, as fast as the
-//! database allows; (2) paced: the same workers "train" 200 ms between cycles (about 1,000
-//! cycles/s offered), the latency a real cluster sees; (3) leaderboard: 1,000,000 results
-//! bulk-inserted with `generate_series`, then each leaderboard query timed 30 times.
+//! database allows (capacity); (2) paced: the same workers each start a cycle every
+//! 200 / rate seconds (100 ms at 2,000 cycles/s), staggered, so the store is offered the target
+//! rate and the claim latency is what a cluster at that rate sees; (3) leaderboard: 1,000,000
+//! results bulk-inserted with `generate_series`, then each leaderboard query timed 30 times.
 
 use std::time::{Duration, Instant};
 
@@ -48,6 +50,7 @@ struct BenchSettings {
     url: Option<String>,
     pool: u32,
     phase: Duration,
+    rate: u64,
     results: i64,
 }
 
@@ -65,6 +68,7 @@ impl BenchSettings {
             url: std::env::var("DEEPMAD_BENCH_DATABASE_URL").ok(),
             pool: number("DEEPMAD_BENCH_POOL", 16)? as u32,
             phase: Duration::from_secs(number("DEEPMAD_BENCH_SECONDS", 10)?),
+            rate: number("DEEPMAD_BENCH_RATE", 2_000)?.max(1),
             results: number("DEEPMAD_BENCH_RESULTS", 1_000_000)? as i64,
         })
     }
@@ -116,8 +120,9 @@ async fn run(settings: &BenchSettings, url: &str) -> anyhow::Result<Report> {
         .create_sweep(&load_sweep(trials_needed), Utc::now())
         .await?;
     let sweep_create = started.elapsed();
-    let saturated = load(&store, settings.phase, Duration::ZERO).await?;
-    let paced = load(&store, settings.phase, Duration::from_millis(200)).await?;
+    let saturated = load(&store, settings.phase, None).await?;
+    let period = Duration::from_secs_f64(WORKERS as f64 / settings.rate as f64);
+    let paced = load(&store, settings.phase, Some(period)).await?;
     store.close().await;
 
     let mut conn = PgConnection::connect(url).await?;
@@ -201,15 +206,20 @@ struct LoadOutcome {
     cycle_latency: Timings,
 }
 
-/// Runs 200 workers for `phase`, each claiming and completing, resting `think` between.
-async fn load(store: &Store, phase: Duration, think: Duration) -> anyhow::Result<LoadOutcome> {
+/// Runs 200 workers for `phase`, each claiming and completing: back to back, or starting a
+/// cycle every `period` (a late cycle starts at once, and the schedule shifts).
+async fn load(
+    store: &Store,
+    phase: Duration,
+    period: Option<Duration>,
+) -> anyhow::Result<LoadOutcome> {
     let deadline = Instant::now() + phase;
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(WORKERS);
     for index in 0..WORKERS {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
-            worker_loop(&store, index, deadline, think).await
+            worker_loop(&store, index, deadline, period).await
         }));
     }
     let mut claims = Vec::new();
@@ -231,7 +241,7 @@ async fn worker_loop(
     store: &Store,
     index: usize,
     deadline: Instant,
-    think: Duration,
+    period: Option<Duration>,
 ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     let worker = NewWorker {
         id: WorkerId::new(),
@@ -241,9 +251,17 @@ async fn worker_loop(
     };
     store.register_worker(&worker, Utc::now()).await?;
     // Stagger the paced workers so they do not arrive in lockstep.
-    tokio::time::sleep(think.mul_f64(index as f64 / WORKERS as f64)).await;
+    let mut ticks = period.map(|period| {
+        let first = tokio::time::Instant::now() + period.mul_f64(index as f64 / WORKERS as f64);
+        let mut ticks = tokio::time::interval_at(first, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    });
     let (mut claims, mut cycles) = (Vec::new(), Vec::new());
     while Instant::now() < deadline {
+        if let Some(ticks) = &mut ticks {
+            ticks.tick().await;
+        }
         let started = Instant::now();
         let Some(lease) = store.claim(worker.id, LEASE_MS, Utc::now()).await? else {
             break;
@@ -257,7 +275,6 @@ async fn worker_loop(
             "completion was {outcome:?}"
         );
         cycles.push(started.elapsed());
-        tokio::time::sleep(think).await;
     }
     Ok((claims, cycles))
 }
@@ -484,10 +501,8 @@ impl Report {
             format!("{:.0} ms", ms(self.sweep_create)),
             "",
         );
-        for (label, load) in [
-            ("saturated", &self.saturated),
-            ("paced 200 ms", &self.paced),
-        ] {
+        let paced = format!("paced at {}/s", settings.rate);
+        for (label, load) in [("saturated", &self.saturated), (paced.as_str(), &self.paced)] {
             row(
                 &format!("{label}: lease+complete cycles/s"),
                 format!("{:.0}", rate(load)),

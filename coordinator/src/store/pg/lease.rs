@@ -13,7 +13,7 @@ use super::{upsert_epochs, PgStore};
 use crate::model::{
     AttemptId, AttemptState, DesignId, FailureClass, LeaseToken, TrialId, TrialState, WorkerId,
 };
-use crate::store::assemble::{attempt_state, trial_state};
+use crate::store::assemble::attempt_state;
 use crate::store::rules::{after_failure, after_ms, RetryCounters, Verdict};
 use crate::store::types::{
     CompleteOutcome, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome, Lease, NewWorker,
@@ -158,6 +158,10 @@ impl PgStore {
         Ok(HeartbeatOutcome::Continue { expires_at })
     }
 
+    /// Completes in one statement (one round trip, one commit), with the transaction's
+    /// semantics: lock the trial and attempt rows (`FOR UPDATE OF t, a`, re-read at their new
+    /// version after a wait), decide the outcome on the locked rows, then write what that
+    /// outcome writes. The decision is `complete_outcome`'s, in SQL.
     pub(crate) async fn complete(
         &self,
         attempt: AttemptId,
@@ -165,23 +169,94 @@ impl PgStore {
         metrics: &FinalMetrics,
         now: DateTime<Utc>,
     ) -> Result<CompleteOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let (trial, view) = lock_attempt(&mut tx, attempt).await?;
-        check_token(&view, attempt, token)?;
-        if view.state == AttemptState::Succeeded {
-            tx.rollback().await?;
-            return Ok(CompleteOutcome::Duplicate);
+        let epochs = &metrics.epochs_metrics;
+        let column = |pick: fn(&EpochMetrics) -> f64| epochs.iter().map(pick).collect::<Vec<f64>>();
+        let row = sqlx::query(
+            "WITH locked AS ( \
+                 SELECT t.id, t.design_id, t.dataset, t.recipe_hash, \
+                     CASE WHEN a.lease_token <> $2 THEN 'forged' \
+                         WHEN a.state = 'succeeded' THEN 'duplicate' \
+                         WHEN a.state = 'running' AND $3 <= a.lease_expires_at \
+                             AND t.state = 'running' THEN 'recorded' \
+                         ELSE 'late' END AS outcome \
+                 FROM trials t JOIN attempts a ON a.trial_id = t.id \
+                 WHERE a.id = $1 \
+                 FOR UPDATE OF t, a), \
+             epochs AS ( \
+                 INSERT INTO epoch_metrics (attempt_id, epoch, trial_id, train_loss, test_loss, \
+                     top1, top5, images_per_second, learning_rate, recorded_at) \
+                 SELECT $1, e.epoch, locked.id, e.train_loss, e.test_loss, e.top1, e.top5, \
+                     e.images_per_second, e.learning_rate, $3 \
+                 FROM locked, UNNEST($11::integer[], $12::float8[], $13::float8[], \
+                     $14::float8[], $15::float8[], $16::float8[], $17::float8[]) \
+                     AS e(epoch, train_loss, test_loss, top1, top5, images_per_second, \
+                         learning_rate) \
+                 WHERE locked.outcome IN ('recorded', 'late') \
+                 ON CONFLICT ON CONSTRAINT epoch_metrics_pkey DO UPDATE SET \
+                     train_loss = EXCLUDED.train_loss, test_loss = EXCLUDED.test_loss, \
+                     top1 = EXCLUDED.top1, top5 = EXCLUDED.top5, \
+                     images_per_second = EXCLUDED.images_per_second, \
+                     learning_rate = EXCLUDED.learning_rate, recorded_at = EXCLUDED.recorded_at), \
+             result AS ( \
+                 INSERT INTO results (trial_id, attempt_id, top1, top5, test_loss, \
+                     train_seconds, epochs, dataset_hash, checkpoint, finished_at) \
+                 SELECT locked.id, $1, $4, $5, $6, $7, $8, $9, $10, $3 FROM locked \
+                 WHERE locked.outcome = 'recorded'), \
+             trial AS ( \
+                 UPDATE trials t SET state = 'succeeded', updated_at = $3 FROM locked \
+                 WHERE t.id = locked.id AND locked.outcome = 'recorded'), \
+             attempt AS ( \
+                 UPDATE attempts a SET state = 'succeeded', finished_at = $3 FROM locked \
+                 WHERE a.id = $1 AND locked.outcome = 'recorded'), \
+             late AS ( \
+                 INSERT INTO late_results (attempt_id, trial_id, top1, top5, test_loss, \
+                     train_seconds, epochs, dataset_hash, checkpoint, received_at) \
+                 SELECT $1, locked.id, $4, $5, $6, $7, $8, $9, $10, $3 FROM locked \
+                 WHERE locked.outcome = 'late' \
+                 ON CONFLICT ON CONSTRAINT late_results_pkey DO NOTHING), \
+             score AS ( \
+                 INSERT INTO design_scores AS s (design_id, dataset, recipe_hash, seeds, \
+                     top1_mean, top1_m2, top5_mean, updated_at, family) \
+                 SELECT locked.design_id, locked.dataset, locked.recipe_hash, 1, $4, 0, $5, \
+                     $3, d.family \
+                 FROM locked JOIN designs d ON d.id = locked.design_id \
+                 WHERE locked.outcome = 'recorded' \
+                 ON CONFLICT ON CONSTRAINT design_scores_pkey DO UPDATE SET \
+                     seeds = s.seeds + 1, \
+                     top1_mean = s.top1_mean + ($4 - s.top1_mean) / (s.seeds + 1), \
+                     top1_m2 = s.top1_m2 + ($4 - s.top1_mean) \
+                         * ($4 - (s.top1_mean + ($4 - s.top1_mean) / (s.seeds + 1))), \
+                     top5_mean = s.top5_mean + ($5 - s.top5_mean) / (s.seeds + 1), \
+                     updated_at = $3) \
+             SELECT outcome FROM locked",
+        )
+        .bind(attempt.0)
+        .bind(token.0)
+        .bind(now)
+        .bind(metrics.top1)
+        .bind(metrics.top5)
+        .bind(metrics.test_loss)
+        .bind(metrics.train_seconds)
+        .bind(metrics.epochs)
+        .bind(&metrics.dataset_hash)
+        .bind(&metrics.checkpoint)
+        .bind(epochs.iter().map(|e| e.epoch).collect::<Vec<i32>>())
+        .bind(column(|e| e.train_loss))
+        .bind(column(|e| e.test_loss))
+        .bind(column(|e| e.top1))
+        .bind(column(|e| e.top5))
+        .bind(column(|e| e.images_per_second))
+        .bind(column(|e| e.learning_rate))
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| attempt_not_found(attempt))?;
+        match row.try_get::<&str, _>("outcome")? {
+            "recorded" => Ok(CompleteOutcome::Recorded),
+            "duplicate" => Ok(CompleteOutcome::Duplicate),
+            "late" => Ok(CompleteOutcome::Late),
+            // A token that is not the attempt's is a forged or buggy report, not a late one.
+            _ => Err(StoreError::NotLeaseHolder { attempt }),
         }
-        upsert_epochs(&mut tx, attempt, trial.id, &metrics.epochs_metrics, now).await?;
-        let outcome = if view.holds_lease(now) && trial.state == TrialState::Running {
-            record_result(&mut tx, &trial, attempt, metrics, now).await?;
-            CompleteOutcome::Recorded
-        } else {
-            insert_late_result(&mut tx, trial.id, attempt, metrics, now).await?;
-            CompleteOutcome::Late
-        };
-        tx.commit().await?;
-        Ok(outcome)
     }
 
     pub(crate) async fn fail(
@@ -316,8 +391,8 @@ async fn lock_attempt(
     attempt: AttemptId,
 ) -> Result<(LockedTrial, AttemptView), StoreError> {
     let row = sqlx::query(
-        "SELECT t.id, t.state, t.design_id, t.dataset, t.recipe_hash, t.counted_failures, \
-             t.requeues, t.max_attempts, t.active_sweeps, a.lease_token, \
+        "SELECT t.id, t.counted_failures, t.requeues, t.max_attempts, t.active_sweeps, \
+             a.lease_token, \
              a.state AS attempt_state, a.lease_expires_at \
          FROM trials t JOIN attempts a ON a.trial_id = t.id \
          WHERE a.id = $1 \
@@ -358,25 +433,17 @@ fn check_token(
 /// A trial row read under its lock.
 struct LockedTrial {
     id: TrialId,
-    state: TrialState,
-    design_id: String,
-    dataset: String,
-    recipe_hash: String,
     counters: RetryCounters,
     /// How many active sweeps need the trial (0: its sweeps were all cancelled).
     active_sweeps: i32,
 }
 
-const TRIAL_COLUMNS: &str = "SELECT id, state, design_id, dataset, recipe_hash, \
-    counted_failures, requeues, max_attempts, active_sweeps FROM trials";
+const TRIAL_COLUMNS: &str =
+    "SELECT id, counted_failures, requeues, max_attempts, active_sweeps FROM trials";
 
 fn locked_trial(row: &sqlx::postgres::PgRow) -> Result<LockedTrial, StoreError> {
     Ok(LockedTrial {
         id: TrialId(row.try_get("id")?),
-        state: trial_state(row.try_get("state")?)?,
-        design_id: row.try_get("design_id")?,
-        dataset: row.try_get("dataset")?,
-        recipe_hash: row.try_get("recipe_hash")?,
         counters: RetryCounters {
             counted_failures: row.try_get("counted_failures")?,
             requeues: row.try_get("requeues")?,
@@ -405,84 +472,6 @@ async fn cancel_attempt(
     .bind(trial.0)
     .bind(now)
     .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-async fn record_result(
-    conn: &mut PgConnection,
-    trial: &LockedTrial,
-    attempt: AttemptId,
-    metrics: &FinalMetrics,
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    // One statement, so one round trip: the result row, the trial and the attempt marked
-    // succeeded, and the result added to its aggregates (Welford's update; the right-hand
-    // sides read the old row).
-    sqlx::query(
-        "WITH result AS ( \
-             INSERT INTO results (trial_id, attempt_id, top1, top5, test_loss, train_seconds, \
-                 epochs, dataset_hash, checkpoint, finished_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)), \
-         trial AS ( \
-             UPDATE trials SET state = 'succeeded', updated_at = $10 WHERE id = $1), \
-         attempt AS ( \
-             UPDATE attempts SET state = 'succeeded', finished_at = $10 WHERE id = $2) \
-         INSERT INTO design_scores AS s (design_id, dataset, recipe_hash, seeds, top1_mean, \
-             top1_m2, top5_mean, updated_at, family) \
-         VALUES ($11, $12, $13, 1, $3, 0, $4, $10, \
-             (SELECT d.family FROM designs d WHERE d.id = $11)) \
-         ON CONFLICT ON CONSTRAINT design_scores_pkey DO UPDATE SET \
-             seeds = s.seeds + 1, \
-             top1_mean = s.top1_mean + ($3 - s.top1_mean) / (s.seeds + 1), \
-             top1_m2 = s.top1_m2 + ($3 - s.top1_mean) \
-                 * ($3 - (s.top1_mean + ($3 - s.top1_mean) / (s.seeds + 1))), \
-             top5_mean = s.top5_mean + ($4 - s.top5_mean) / (s.seeds + 1), \
-             updated_at = $10",
-    )
-    .bind(trial.id.0)
-    .bind(attempt.0)
-    .bind(metrics.top1)
-    .bind(metrics.top5)
-    .bind(metrics.test_loss)
-    .bind(metrics.train_seconds)
-    .bind(metrics.epochs)
-    .bind(&metrics.dataset_hash)
-    .bind(&metrics.checkpoint)
-    .bind(now)
-    .bind(&trial.design_id)
-    .bind(&trial.dataset)
-    .bind(&trial.recipe_hash)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Keeps a fenced-out attempt's report; a second report of the same attempt changes nothing.
-async fn insert_late_result(
-    conn: &mut PgConnection,
-    trial: TrialId,
-    attempt: AttemptId,
-    metrics: &FinalMetrics,
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO late_results (attempt_id, trial_id, top1, top5, test_loss, train_seconds, \
-             epochs, dataset_hash, checkpoint, received_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-         ON CONFLICT ON CONSTRAINT late_results_pkey DO NOTHING",
-    )
-    .bind(attempt.0)
-    .bind(trial.0)
-    .bind(metrics.top1)
-    .bind(metrics.top5)
-    .bind(metrics.test_loss)
-    .bind(metrics.train_seconds)
-    .bind(metrics.epochs)
-    .bind(&metrics.dataset_hash)
-    .bind(&metrics.checkpoint)
-    .bind(now)
-    .execute(conn)
     .await?;
     Ok(())
 }
