@@ -38,7 +38,7 @@ pub fn evolve(problem: &Problem, candidates: u64, seed: u64) -> Result<Solution,
         let parent = &population[rng.below(population.len() as u32) as usize].0;
         let mut child = parent.clone();
         for _ in 0..2 {
-            mutate(&ctx, &mut child, rng.pick(&vars), &mut rng);
+            mutate(&ctx, &mut child, rng.pick(vars), &mut rng);
         }
         let eval = ctx.evaluate(&child);
         if !eval.feasible() {

@@ -66,7 +66,7 @@ fn descend(ctx: &Ctx, net: &mut Network, eval: &mut Eval, neighbourhoods: &[Gene
 /// and every `ln(r^2 c)` grows with it, and rho falls), while params and FLOPs only grow: so
 /// of a width's levels only the largest within budget can improve, and only it is evaluated.
 fn single(ctx: &Ctx, net: &Network, consider: &mut dyn FnMut(Network)) {
-    for var in ctx.vars() {
+    for &var in ctx.vars() {
         if var.is_width() {
             let mut candidate = net.clone();
             ctx.fit(&mut candidate, var);
@@ -112,7 +112,7 @@ fn steps(ctx: &Ctx, net: &Network, var: Var) -> Vec<u32> {
 
 fn step_refit(ctx: &Ctx, net: &Network, consider: &mut dyn FnMut(Network)) {
     let widths = ctx.width_vars();
-    for var in ctx.vars() {
+    for &var in ctx.vars() {
         for level in steps(ctx, net, var) {
             for &other in widths.iter().filter(|other| **other != var) {
                 let mut candidate = net.clone();
@@ -126,11 +126,7 @@ fn step_refit(ctx: &Ctx, net: &Network, consider: &mut dyn FnMut(Network)) {
 
 fn depth_refit2(ctx: &Ctx, net: &Network, consider: &mut dyn FnMut(Network)) {
     let widths = ctx.width_vars();
-    for var in ctx
-        .vars()
-        .into_iter()
-        .filter(|var| matches!(var, Var::Depth(_)))
-    {
+    for &var in ctx.vars().iter().filter(|var| matches!(var, Var::Depth(_))) {
         let current = ctx.get(net, var);
         let (low, high) = ctx.range(net, var);
         let levels = [current.checked_sub(1), Some(current + 1)];
@@ -139,7 +135,7 @@ fn depth_refit2(ctx: &Ctx, net: &Network, consider: &mut dyn FnMut(Network)) {
             .flatten()
             .filter(|l| (low..=high).contains(l))
         {
-            for &first in &widths {
+            for &first in widths {
                 for &second in widths.iter().filter(|second| **second != first) {
                     let mut candidate = net.clone();
                     ctx.set(&mut candidate, var, level);
@@ -167,7 +163,7 @@ fn transfer(ctx: &Ctx, net: &Network, consider: &mut dyn FnMut(Network)) {
             let mut moved = net.clone();
             ctx.set(&mut moved, from_var, from_depth - 1);
             ctx.set(&mut moved, to_var, to_depth + 1);
-            for &width in &widths {
+            for &width in widths {
                 let mut candidate = moved.clone();
                 ctx.fit(&mut candidate, width);
                 consider(candidate);

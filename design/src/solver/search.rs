@@ -84,7 +84,7 @@ pub(crate) fn population_search(ctx: &Ctx, start: &Network, seed: u64) -> Vec<(N
         let mut child = parent.clone();
         if rng.below(10) < BLIND_TENTHS {
             for _ in 0..2 {
-                super::baseline::mutate(ctx, &mut child, rng.pick(&vars), &mut rng);
+                super::baseline::mutate(ctx, &mut child, rng.pick(vars), &mut rng);
             }
         } else {
             perturb(ctx, &mut child, &mut rng);
@@ -122,7 +122,7 @@ fn worst_member(population: &[(Network, Eval)]) -> usize {
 
 /// Draws random depths and kernels (widths stay minimal until the fill).
 fn randomize_structure(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
-    for var in ctx.vars() {
+    for &var in ctx.vars() {
         if !var.is_width() {
             let (low, high) = ctx.range(net, var);
             let level = rng.between(low, high);
@@ -134,7 +134,12 @@ fn randomize_structure(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
 /// A structural jump for iterated local search: two or three depths or kernels move to random
 /// levels at once, then every width is shrunk to fit and refilled to the budget.
 pub(crate) fn kick(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
-    let structural: Vec<Var> = ctx.vars().into_iter().filter(|v| !v.is_width()).collect();
+    let structural: Vec<Var> = ctx
+        .vars()
+        .iter()
+        .copied()
+        .filter(|v| !v.is_width())
+        .collect();
     if structural.is_empty() {
         return;
     }
@@ -145,7 +150,7 @@ pub(crate) fn kick(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
         ctx.set(net, var, level);
     }
     let widths = ctx.width_vars();
-    repair(ctx, net, &widths, rng);
+    repair(ctx, net, widths, rng);
     fill(ctx, net);
 }
 
@@ -155,7 +160,7 @@ fn perturb(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
     let widths = ctx.width_vars();
     let mutations = 1 + rng.below(2);
     for _ in 0..mutations {
-        let var = rng.pick(&vars);
+        let var = rng.pick(vars);
         if let (Var::Out(index), 0) = (var, rng.below(3)) {
             // A coupled move: the neighbours follow, so runs of equal widths can grow together.
             let max = ctx.space.max_channels / ctx.space.channel_step;
@@ -185,9 +190,9 @@ fn perturb(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
         };
         ctx.set(net, var, level);
     }
-    repair(ctx, net, &widths, rng);
+    repair(ctx, net, widths, rng);
     for _ in 0..rng.below(3) {
-        ctx.fit(net, rng.pick(&widths));
+        ctx.fit(net, rng.pick(widths));
     }
 }
 

@@ -72,17 +72,40 @@ pub(crate) struct Ctx<'a> {
     pub alpha: Vec<f64>,
     /// Candidates scored or budget-checked.
     pub evaluations: Cell<u64>,
+    /// Every variable, widths first (see [`Ctx::vars`]).
+    vars: Vec<Var>,
+    /// How many of `vars` are widths.
+    widths: usize,
     /// What stages, blocks and logarithms scored so far gave (see [`Memos`]).
     memos: RefCell<Memos>,
 }
 
 impl<'a> Ctx<'a> {
     pub(crate) fn new(problem: &'a Problem) -> Ctx<'a> {
+        let space = problem.space();
+        let stages = space.stage_strides.len();
+        let mut vars = vec![Var::Stem];
+        for index in 0..stages {
+            vars.push(Var::Out(index));
+            if problem.family != super::Family::Basic {
+                vars.push(Var::Mid(index));
+            }
+        }
+        if space.head {
+            vars.push(Var::Head);
+        }
+        let widths = vars.len();
+        vars.extend((0..stages).map(Var::Depth));
+        if space.kernels.len() > 1 {
+            vars.extend((0..stages).map(Var::Kernel));
+        }
         Ctx {
             problem,
-            space: problem.space(),
+            space,
             alpha: problem.alpha(),
             evaluations: Cell::new(0),
+            vars,
+            widths,
             memos: RefCell::new(Memos::new()),
         }
     }
@@ -96,28 +119,13 @@ impl<'a> Ctx<'a> {
     }
 
     /// Returns every variable, widths first.
-    pub(crate) fn vars(&self) -> Vec<Var> {
-        let mut vars = self.width_vars();
-        vars.extend((0..self.stages()).map(Var::Depth));
-        if self.space.kernels.len() > 1 {
-            vars.extend((0..self.stages()).map(Var::Kernel));
-        }
-        vars
+    pub(crate) fn vars(&self) -> &[Var] {
+        &self.vars
     }
 
     /// Returns the width variables.
-    pub(crate) fn width_vars(&self) -> Vec<Var> {
-        let mut vars = vec![Var::Stem];
-        for index in 0..self.stages() {
-            vars.push(Var::Out(index));
-            if self.has_mid() {
-                vars.push(Var::Mid(index));
-            }
-        }
-        if self.space.head {
-            vars.push(Var::Head);
-        }
-        vars
+    pub(crate) fn width_vars(&self) -> &[Var] {
+        &self.vars[..self.widths]
     }
 
     /// Returns the smallest design of the space: every variable at its lowest level.
@@ -302,7 +310,7 @@ impl<'a> Ctx<'a> {
 
     /// Returns true when every variable lies inside its range.
     pub(crate) fn consistent(&self, net: &Network) -> bool {
-        self.vars().into_iter().all(|var| {
+        self.vars().iter().all(|&var| {
             let (low, high) = self.range(net, var);
             (low..=high).contains(&self.get(net, var))
         })
@@ -445,7 +453,7 @@ mod tests {
             .map(|_| {
                 let mut net = ctx.minimal();
                 for _ in 0..3 {
-                    for var in ctx.vars() {
+                    for &var in ctx.vars() {
                         let (low, high) = ctx.range(&net, var);
                         ctx.set(&mut net, var, rng.between(low, high));
                     }
