@@ -19,19 +19,25 @@ fn stage_entropy(log_size: f64, log_sum: f64) -> f64 {
 
 /// `Strategy.get_info_for_evolution`: `exp(std(L))` over the super-blocks' L values, the first
 /// two dropped when the second block is a `SuperResK1KXK1`; 1 when no value is left.
-fn depth_penalty(blocks: impl Iterator<Item = TinyBlock> + Clone) -> f64 {
-    let skip = if matches!(blocks.clone().nth(1), Some(TinyBlock::Bottleneck(_))) {
-        2
-    } else {
-        0
-    };
-    let depths = || {
-        blocks
-            .clone()
-            .filter_map(|block| block.super_block().copied())
-            .skip(skip)
-            .map(|shape| f64::from(shape.depth))
-    };
+fn depth_penalty(blocks: impl Iterator<Item = TinyBlock>) -> f64 {
+    // One pass over the blocks (the solver's blocks are converted as they are walked); the
+    // depths of a structure of up to `KEPT` super-blocks stay on the stack.
+    const KEPT: usize = 16;
+    let (mut kept, mut more) = ([0.0; KEPT], Vec::new());
+    let (mut count, mut second_is_bottleneck) = (0, false);
+    for (index, block) in blocks.enumerate() {
+        second_is_bottleneck |= index == 1 && matches!(block, TinyBlock::Bottleneck(_));
+        if let Some(shape) = block.super_block() {
+            let depth = f64::from(shape.depth);
+            match kept.get_mut(count) {
+                Some(slot) => *slot = depth,
+                None => more.push(depth),
+            }
+            count += 1;
+        }
+    }
+    let skip = if second_is_bottleneck { 2 } else { 0 };
+    let depths = || kept.iter().take(count).chain(&more).skip(skip).copied();
     let count = depths().count();
     if count == 0 {
         return 1.0;
@@ -510,5 +516,42 @@ mod tests {
             analyze_tinynas(&invalid, 224, &ALPHA, 10.0),
             Err(DesignError::InvalidNetwork { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod penalty_tests {
+    use super::super::tests::{conv, shape};
+    use super::*;
+
+    /// The one-pass penalty keeps any number of super-blocks (past its stack buffer too).
+    #[test]
+    fn depth_penalty_is_exp_of_the_population_std() {
+        for (blocks, bottleneck) in [(3, true), (16, true), (40, false)] {
+            let depths: Vec<u32> = (0..blocks).map(|i| 1 + (i * 7) % 5).collect();
+            let mut net = vec![conv(3, 16, 3, 2)];
+            net.extend(depths.iter().map(|&depth| {
+                let block = shape(16, 16, 16, 3, 1, depth);
+                if bottleneck {
+                    TinyBlock::Bottleneck(block)
+                } else {
+                    TinyBlock::Depthwise(block)
+                }
+            }));
+            let kept: Vec<f64> = depths
+                .iter()
+                .skip(if bottleneck { 2 } else { 0 })
+                .map(|&d| f64::from(d))
+                .collect();
+            let mean = kept.iter().sum::<f64>() / kept.len() as f64;
+            let variance = kept.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / kept.len() as f64;
+            let penalty = depth_penalty(net.iter().copied());
+            assert_eq!(
+                penalty.to_bits(),
+                variance.sqrt().exp().to_bits(),
+                "{blocks} blocks"
+            );
+        }
+        assert_eq!(depth_penalty([conv(3, 16, 3, 2)].into_iter()), 1.0);
     }
 }
