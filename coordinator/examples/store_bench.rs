@@ -502,7 +502,10 @@ impl Report {
             "",
         );
         let paced = format!("paced at {}/s", settings.rate);
-        for (label, load) in [("saturated", &self.saturated), (paced.as_str(), &self.paced)] {
+        for (label, load) in [
+            ("saturated", &self.saturated),
+            (paced.as_str(), &self.paced),
+        ] {
             row(
                 &format!("{label}: lease+complete cycles/s"),
                 format!("{:.0}", rate(load)),
