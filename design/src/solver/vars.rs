@@ -425,6 +425,10 @@ impl PaperStages for Memos {
 impl BlockCounter for Memos {
     fn block_counts(&mut self, block: &TinyBlock, side: f64) -> BlockCounts {
         let logs = &mut self.logs;
+        if let TinyBlock::Conv { .. } = block {
+            // One conv (the stem or the head): cheaper to count than to look up.
+            return tinynas::block_counts(block, side, logs);
+        }
         self.blocks.get_or((*block, side.to_bits()), || {
             tinynas::block_counts(block, side, logs)
         })
