@@ -369,6 +369,31 @@ async fn bulk_load(conn: &mut PgConnection, results: i64) -> anyhow::Result<Swee
          GROUP BY t.design_id, t.dataset, t.recipe_hash",
     );
     timed(conn, "scores", query).await?;
+    // The per-sweep aggregates, as migration 0003 fills them from stored results.
+    let query = sqlx::query(
+        "WITH sweep_results AS ( \
+             SELECT st.sweep_id, t.design_id, t.dataset, t.recipe_hash, r.top1, r.top5 \
+             FROM sweep_trials st \
+                 JOIN trials t ON t.id = st.trial_id \
+                 JOIN results r ON r.trial_id = t.id \
+             WHERE t.recipe_hash = 'bulk-recipe'), \
+         groups AS ( \
+             SELECT sweep_id, design_id, dataset, recipe_hash, count(*) AS seeds, \
+                 avg(top1) AS top1_mean, avg(top5) AS top5_mean \
+             FROM sweep_results GROUP BY sweep_id, design_id, dataset, recipe_hash) \
+         INSERT INTO sweep_scores (sweep_id, design_id, dataset, recipe_hash, family, seeds, \
+             top1_mean, top1_m2, top5_mean, updated_at) \
+         SELECT g.sweep_id, g.design_id, g.dataset, g.recipe_hash, d.family, g.seeds, \
+             g.top1_mean, sum((r.top1 - g.top1_mean) * (r.top1 - g.top1_mean)), g.top5_mean, \
+             now() \
+         FROM groups g \
+             JOIN sweep_results r ON r.sweep_id = g.sweep_id AND r.design_id = g.design_id \
+                 AND r.dataset = g.dataset AND r.recipe_hash = g.recipe_hash \
+             JOIN designs d ON d.id = g.design_id \
+         GROUP BY g.sweep_id, g.design_id, g.dataset, g.recipe_hash, d.family, g.seeds, \
+             g.top1_mean, g.top5_mean",
+    );
+    timed(conn, "sweep scores", query).await?;
     timed(conn, "analyze", sqlx::query("ANALYZE")).await?;
     Ok(medium)
 }

@@ -391,6 +391,34 @@ async fn a_later_sweep_reuses_results_and_shares_trials(store: &Store) {
         .collect();
     assert_eq!(newest, vec![third.id, second.id, first.id]);
     assert_eq!(store.list_sweeps(2).await.unwrap().len(), 2);
+
+    // The shared trial completes once and counts in both sweeps that hold it; the second
+    // sweep's board also holds the result it reused at creation.
+    assert_eq!(run_all(store, at(4.0), |_| 0.7).await, 1);
+    let board_of = |sweep: SweepId| LeaderboardFilter {
+        sweep: Some(sweep),
+        ..Default::default()
+    };
+    let second_board = store.leaderboard(&board_of(second.id)).await.unwrap();
+    assert_eq!(second_board.len(), 1);
+    assert_eq!(second_board[0].seeds, 2);
+    assert!((second_board[0].top1_mean - 0.6).abs() < 1e-12);
+    assert!((second_board[0].top1_std - 0.1).abs() < 1e-12);
+    let third_board = store.leaderboard(&board_of(third.id)).await.unwrap();
+    assert_eq!(
+        (
+            third_board.len(),
+            third_board[0].seeds,
+            third_board[0].top1_mean
+        ),
+        (1, 1, 0.7)
+    );
+    let first_board = store.leaderboard(&board_of(first.id)).await.unwrap();
+    assert_eq!(
+        first_board.iter().map(|row| row.seeds).collect::<Vec<_>>(),
+        vec![1, 1],
+        "the first sweep never held seed 2"
+    );
 }
 
 async fn a_failing_create_writes_nothing(store: &Store) {

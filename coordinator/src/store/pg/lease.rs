@@ -158,10 +158,10 @@ impl PgStore {
         Ok(HeartbeatOutcome::Continue { expires_at })
     }
 
-    /// Completes in one statement (one round trip, one commit), with the transaction's
-    /// semantics: lock the trial and attempt rows (`FOR UPDATE OF t, a`, re-read at their new
-    /// version after a wait), decide the outcome on the locked rows, then write what that
-    /// outcome writes. The decision is `complete_outcome`'s, in SQL.
+    /// Completes in one call (one round trip, one commit) of `deepmad_complete`
+    /// (`migrations/postgres/0003_sweep_scores.sql`), with the transaction's semantics: lock
+    /// the trial and attempt rows, decide the outcome on the locked rows, write what that
+    /// outcome writes, and add a recorded result to its sweeps' aggregates.
     pub(crate) async fn complete(
         &self,
         attempt: AttemptId,
@@ -172,63 +172,8 @@ impl PgStore {
         let epochs = &metrics.epochs_metrics;
         let column = |pick: fn(&EpochMetrics) -> f64| epochs.iter().map(pick).collect::<Vec<f64>>();
         let row = sqlx::query(
-            "WITH locked AS ( \
-                 SELECT t.id, t.design_id, t.dataset, t.recipe_hash, \
-                     CASE WHEN a.lease_token <> $2 THEN 'forged' \
-                         WHEN a.state = 'succeeded' THEN 'duplicate' \
-                         WHEN a.state = 'running' AND $3 <= a.lease_expires_at \
-                             AND t.state = 'running' THEN 'recorded' \
-                         ELSE 'late' END AS outcome \
-                 FROM trials t JOIN attempts a ON a.trial_id = t.id \
-                 WHERE a.id = $1 \
-                 FOR UPDATE OF t, a), \
-             epochs AS ( \
-                 INSERT INTO epoch_metrics (attempt_id, epoch, trial_id, train_loss, test_loss, \
-                     top1, top5, images_per_second, learning_rate, recorded_at) \
-                 SELECT $1, e.epoch, locked.id, e.train_loss, e.test_loss, e.top1, e.top5, \
-                     e.images_per_second, e.learning_rate, $3 \
-                 FROM locked, UNNEST($11::integer[], $12::float8[], $13::float8[], \
-                     $14::float8[], $15::float8[], $16::float8[], $17::float8[]) \
-                     AS e(epoch, train_loss, test_loss, top1, top5, images_per_second, \
-                         learning_rate) \
-                 WHERE locked.outcome IN ('recorded', 'late') \
-                 ON CONFLICT ON CONSTRAINT epoch_metrics_pkey DO UPDATE SET \
-                     train_loss = EXCLUDED.train_loss, test_loss = EXCLUDED.test_loss, \
-                     top1 = EXCLUDED.top1, top5 = EXCLUDED.top5, \
-                     images_per_second = EXCLUDED.images_per_second, \
-                     learning_rate = EXCLUDED.learning_rate, recorded_at = EXCLUDED.recorded_at), \
-             result AS ( \
-                 INSERT INTO results (trial_id, attempt_id, top1, top5, test_loss, \
-                     train_seconds, epochs, dataset_hash, checkpoint, finished_at) \
-                 SELECT locked.id, $1, $4, $5, $6, $7, $8, $9, $10, $3 FROM locked \
-                 WHERE locked.outcome = 'recorded'), \
-             trial AS ( \
-                 UPDATE trials t SET state = 'succeeded', updated_at = $3 FROM locked \
-                 WHERE t.id = locked.id AND locked.outcome = 'recorded'), \
-             attempt AS ( \
-                 UPDATE attempts a SET state = 'succeeded', finished_at = $3 FROM locked \
-                 WHERE a.id = $1 AND locked.outcome = 'recorded'), \
-             late AS ( \
-                 INSERT INTO late_results (attempt_id, trial_id, top1, top5, test_loss, \
-                     train_seconds, epochs, dataset_hash, checkpoint, received_at) \
-                 SELECT $1, locked.id, $4, $5, $6, $7, $8, $9, $10, $3 FROM locked \
-                 WHERE locked.outcome = 'late' \
-                 ON CONFLICT ON CONSTRAINT late_results_pkey DO NOTHING), \
-             score AS ( \
-                 INSERT INTO design_scores AS s (design_id, dataset, recipe_hash, seeds, \
-                     top1_mean, top1_m2, top5_mean, updated_at, family) \
-                 SELECT locked.design_id, locked.dataset, locked.recipe_hash, 1, $4, 0, $5, \
-                     $3, d.family \
-                 FROM locked JOIN designs d ON d.id = locked.design_id \
-                 WHERE locked.outcome = 'recorded' \
-                 ON CONFLICT ON CONSTRAINT design_scores_pkey DO UPDATE SET \
-                     seeds = s.seeds + 1, \
-                     top1_mean = s.top1_mean + ($4 - s.top1_mean) / (s.seeds + 1), \
-                     top1_m2 = s.top1_m2 + ($4 - s.top1_mean) \
-                         * ($4 - (s.top1_mean + ($4 - s.top1_mean) / (s.seeds + 1))), \
-                     top5_mean = s.top5_mean + ($5 - s.top5_mean) / (s.seeds + 1), \
-                     updated_at = $3) \
-             SELECT outcome FROM locked",
+            "SELECT deepmad_complete($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
+                 $14, $15, $16, $17) AS outcome",
         )
         .bind(attempt.0)
         .bind(token.0)
@@ -247,10 +192,10 @@ impl PgStore {
         .bind(column(|e| e.top5))
         .bind(column(|e| e.images_per_second))
         .bind(column(|e| e.learning_rate))
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| attempt_not_found(attempt))?;
-        match row.try_get::<&str, _>("outcome")? {
+        .fetch_one(&self.pool)
+        .await?;
+        let outcome: Option<&str> = row.try_get("outcome")?;
+        match outcome.ok_or_else(|| attempt_not_found(attempt))? {
             "recorded" => Ok(CompleteOutcome::Recorded),
             "duplicate" => Ok(CompleteOutcome::Duplicate),
             "late" => Ok(CompleteOutcome::Late),

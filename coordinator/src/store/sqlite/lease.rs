@@ -445,6 +445,30 @@ async fn record_result(
     .bind(metrics.top1)
     .bind(metrics.top5)
     .bind(time_text(now))
+    .execute(&mut *conn)
+    .await?;
+    // The aggregates of every sweep that holds the trial (Welford's update, as above).
+    sqlx::query(
+        "INSERT INTO sweep_scores (sweep_id, design_id, dataset, recipe_hash, family, seeds, \
+             top1_mean, top1_m2, top5_mean, updated_at) \
+         SELECT st.sweep_id, ?2, ?3, ?4, d.family, 1, ?5, 0, ?6, ?7 \
+         FROM sweep_trials st JOIN designs d ON d.id = ?2 \
+         WHERE st.trial_id = ?1 \
+         ON CONFLICT (sweep_id, design_id, dataset, recipe_hash) DO UPDATE SET \
+             seeds = seeds + 1, \
+             top1_mean = top1_mean + (?5 - top1_mean) / (seeds + 1), \
+             top1_m2 = top1_m2 + (?5 - top1_mean) \
+                 * (?5 - (top1_mean + (?5 - top1_mean) / (seeds + 1))), \
+             top5_mean = top5_mean + (?6 - top5_mean) / (seeds + 1), \
+             updated_at = ?7",
+    )
+    .bind(uuid_text(trial.id.0))
+    .bind(&trial.design_id)
+    .bind(&trial.dataset)
+    .bind(&trial.recipe_hash)
+    .bind(metrics.top1)
+    .bind(metrics.top5)
+    .bind(time_text(now))
     .execute(conn)
     .await?;
     Ok(())

@@ -29,30 +29,17 @@ const LEADERBOARD_ALL: &str = "\
     ORDER BY s.top1_mean DESC, s.design_id, s.dataset, s.recipe_hash \
     LIMIT ?5";
 
-/// A sweep's leaderboard groups the results of the sweep's trials, variance in a second pass.
+/// A sweep's leaderboard: the sweep's running aggregates in `top1_mean` order.
 const LEADERBOARD_SWEEP: &str = "\
-    WITH sweep_results AS ( \
-        SELECT t.design_id, t.dataset, t.recipe_hash, r.top1, r.top5, \
-            avg(r.top1) OVER (PARTITION BY t.design_id, t.dataset, t.recipe_hash) \
-                AS group_top1_mean \
-        FROM sweep_trials st \
-            JOIN trials t ON t.id = st.trial_id \
-            JOIN results r ON r.trial_id = t.id \
-        WHERE st.sweep_id = ?6), \
-    groups AS ( \
-        SELECT design_id, dataset, recipe_hash, count(*) AS seeds, avg(top1) AS top1_mean, \
-            avg((top1 - group_top1_mean) * (top1 - group_top1_mean)) AS top1_variance, \
-            avg(top5) AS top5_mean \
-        FROM sweep_results GROUP BY design_id, dataset, recipe_hash) \
-    SELECT g.design_id, d.family, g.dataset, g.recipe_hash, d.params, d.flops, d.layers, \
+    SELECT s.design_id, s.family, s.dataset, s.recipe_hash, d.params, d.flops, d.layers, \
         d.effectiveness, d.entropy, \
         (SELECT min(p.rho) FROM grid_points p \
-            WHERE p.sweep_id = ?6 AND p.design_id = g.design_id) AS rho, \
-        g.seeds, g.top1_mean, g.top1_variance, g.top5_mean \
-    FROM groups g JOIN designs d ON d.id = g.design_id \
-    WHERE (?1 IS NULL OR g.dataset = ?1) AND (?2 IS NULL OR d.family = ?2) \
+            WHERE p.sweep_id = ?6 AND p.design_id = s.design_id) AS rho, \
+        s.seeds AS seeds, s.top1_mean, s.top1_m2 / s.seeds AS top1_variance, s.top5_mean \
+    FROM sweep_scores s JOIN designs d ON d.id = s.design_id \
+    WHERE s.sweep_id = ?6 AND (?1 IS NULL OR s.dataset = ?1) AND (?2 IS NULL OR s.family = ?2) \
         AND (?3 IS NULL OR d.params >= ?3) AND (?4 IS NULL OR d.params <= ?4) \
-    ORDER BY g.top1_mean DESC, g.design_id, g.dataset, g.recipe_hash \
+    ORDER BY s.top1_mean DESC, s.design_id, s.dataset, s.recipe_hash \
     LIMIT ?5";
 
 impl SqliteStore {

@@ -45,6 +45,33 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        // The results this sweep reuses (the single writer keeps completions out meanwhile).
+        sqlx::query(
+            "WITH sweep_results AS ( \
+                 SELECT t.design_id, t.dataset, t.recipe_hash, r.top1, r.top5 \
+                 FROM sweep_trials st \
+                     JOIN trials t ON t.id = st.trial_id \
+                     JOIN results r ON r.trial_id = t.id \
+                 WHERE st.sweep_id = ?1), \
+             groups AS ( \
+                 SELECT design_id, dataset, recipe_hash, count(*) AS seeds, \
+                     avg(top1) AS top1_mean, avg(top5) AS top5_mean \
+                 FROM sweep_results GROUP BY design_id, dataset, recipe_hash) \
+             INSERT INTO sweep_scores (sweep_id, design_id, dataset, recipe_hash, family, seeds, \
+                 top1_mean, top1_m2, top5_mean, updated_at) \
+             SELECT ?1, g.design_id, g.dataset, g.recipe_hash, d.family, g.seeds, g.top1_mean, \
+                 sum((r.top1 - g.top1_mean) * (r.top1 - g.top1_mean)), g.top5_mean, ?2 \
+             FROM groups g \
+                 JOIN sweep_results r ON r.design_id = g.design_id AND r.dataset = g.dataset \
+                     AND r.recipe_hash = g.recipe_hash \
+                 JOIN designs d ON d.id = g.design_id \
+             GROUP BY g.design_id, g.dataset, g.recipe_hash, d.family, g.seeds, g.top1_mean, \
+                 g.top5_mean",
+        )
+        .bind(uuid_text(sweep.id.0))
+        .bind(time_text(now))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(created(&plan, &linked))
     }
