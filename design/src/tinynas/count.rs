@@ -89,23 +89,6 @@ fn stage_end(side: u32, channels: u32, ln: &mut impl Ln) -> Event {
     }
 }
 
-/// Returns the params and FLOPs of a structure at `resolution` (what budgets bound).
-pub(crate) fn budget(
-    blocks: impl Iterator<Item = TinyBlock>,
-    resolution: u32,
-    counter: &mut impl BlockCounter,
-) -> (u64, u64) {
-    let (mut params, mut flops) = (0, 0.0);
-    let mut side = f64::from(resolution);
-    for block in blocks {
-        let counts = counter.block_counts(&block, side);
-        params += counts.params;
-        flops += counts.flops;
-        side /= f64::from(block.stride());
-    }
-    (params, flops.round() as u64)
-}
-
 /// Where the walk gets a block's counts and the logarithms: computed ([`Direct`]) or
 /// remembered (the solver's memos).
 pub(crate) trait BlockCounter: Ln {
@@ -209,21 +192,6 @@ impl SubShape {
     }
 }
 
-/// Returns the shape of one sub-block with `cin` inputs and `stride`; `first` marks the
-/// super-block's first.
-fn sub_shape(kind: Kind, shape: &SuperBlock, cin: u32, stride: u32, first: bool) -> SubShape {
-    let depthwise = kind != Kind::Bottleneck;
-    SubShape {
-        cin,
-        btn: shape.btn,
-        cout: shape.out,
-        kernel: shape.kernel,
-        stride,
-        depthwise,
-        projection: !depthwise && (first || cin != shape.out),
-    }
-}
-
 /// Returns one sub-block with `cin` inputs and `stride`; `first` marks the super-block's first.
 fn sub_block(
     kind: Kind,
@@ -233,7 +201,16 @@ fn sub_block(
     first: bool,
     ln: &mut impl Ln,
 ) -> SubBlock {
-    let sub = sub_shape(kind, shape, cin, stride, first);
+    let depthwise = kind != Kind::Bottleneck;
+    let sub = SubShape {
+        cin,
+        btn: shape.btn,
+        cout: shape.out,
+        kernel: shape.kernel,
+        stride,
+        depthwise,
+        projection: !depthwise && (first || cin != shape.out),
+    };
     let (cin, btn, k2) = (
         f64::from(cin),
         f64::from(shape.btn),

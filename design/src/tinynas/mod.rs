@@ -96,9 +96,9 @@ mod score;
 
 pub(crate) use convert::blocks;
 pub use count::SCORE_RESOLUTION;
-pub(crate) use count::{block_counts, budget, BlockCounter, BlockCounts};
-pub(crate) use score::score_tinynas_with;
+pub(crate) use count::{block_counts, BlockCounter, BlockCounts};
 pub use score::{analyze_tinynas, score_tinynas};
+pub(crate) use score::{budget, score_tinynas_with};
 
 use crate::arch::MAX_DIMENSION;
 use crate::error::DesignError;

@@ -107,6 +107,23 @@ pub(crate) fn score_tinynas_with(
     score
 }
 
+/// Returns the params and FLOPs of a structure at `resolution` (what budgets bound): the
+/// score's walk without the score.
+pub(crate) fn budget(
+    blocks: impl Iterator<Item = TinyBlock>,
+    resolution: u32,
+    counter: &mut impl BlockCounter,
+) -> (u64, u64) {
+    let (mut params, mut flops) = (0, 0.0);
+    walk(blocks, resolution, counter, &mut |event| {
+        if let Event::Block { counts, .. } = event {
+            params += counts.params;
+            flops += counts.flops;
+        }
+    });
+    (params, round_flops(flops))
+}
+
 /// Rounds that code's float FLOPs to the nearest integer (exact when the resolution halves
 /// cleanly, e.g. 224; a fraction of 1/4096 or coarser otherwise).
 fn round_flops(flops: f64) -> u64 {
