@@ -40,11 +40,12 @@ RUN apt-get update \
 # working directory: sweeps name datasets relative to it (compose mounts ./data at data/), and
 # work/ exists owned by the user so a fresh named volume mounted there inherits that owner.
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/deepmad --shell /usr/sbin/nologin deepmad \
-    && install -d -o deepmad -g deepmad /var/lib/deepmad /var/lib/deepmad/work /var/lib/deepmad/data
+    && install -d -o deepmad -g deepmad /var/lib/deepmad /var/lib/deepmad/work /var/lib/deepmad/data \
+        /var/lib/deepmad/weights
 COPY --from=builder /usr/local/bin/deepmad /usr/local/bin/deepmad
 USER deepmad
 WORKDIR /var/lib/deepmad
-EXPOSE 50051 9090
+EXPOSE 50051 9090 8080
 CMD ["deepmad", "--help"]
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +83,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # which the binary links; the driver comes from the host.
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04 AS cuda
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/deepmad --shell /usr/sbin/nologin deepmad \
-    && install -d -o deepmad -g deepmad /var/lib/deepmad /var/lib/deepmad/work /var/lib/deepmad/data
+    && install -d -o deepmad -g deepmad /var/lib/deepmad /var/lib/deepmad/work /var/lib/deepmad/data \
+        /var/lib/deepmad/weights
 COPY --from=cuda-builder /usr/local/bin/deepmad /usr/local/bin/deepmad
 USER deepmad
 WORKDIR /var/lib/deepmad

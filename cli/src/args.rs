@@ -46,7 +46,7 @@ pub enum Command {
     Trial(TrialShowArgs),
     /// A sweep's analytics: accuracy vs rho, Pareto fronts, Kendall tau of entropy vs accuracy.
     Analytics(AnalyticsArgs),
-    /// Draws a sweep's chart as SVG: rho, pareto, entropy or curves.
+    /// Draws a sweep's chart as SVG or PNG: rho, pareto, entropy or curves.
     Plot(PlotArgs),
     /// Acts on a sweep's trials: `deepmad trials retry --sweep ID`.
     Trials {
@@ -116,6 +116,10 @@ pub struct RunArgs {
     /// Leaderboard format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: TableFormat,
+    /// Serves the web dashboard on this address while the run lasts, and prints its URL: a
+    /// loopback IP:PORT such as 127.0.0.1:8080 (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR")]
+    pub dashboard: Option<String>,
 }
 
 /// Worker settings: flags (or their environment variables) override the `--config` file.
@@ -196,7 +200,8 @@ pub struct PlotArgs {
     /// entropy with Kendall's tau; curves: test top-1 per epoch of every trial.
     #[arg(long, value_enum)]
     pub kind: PlotKind,
-    /// The SVG file to write (atomically).
+    /// The file to write (atomically): FILE.svg, or FILE.png (the same chart rasterized; its
+    /// text needs an installed font such as Debian's fonts-dejavu-core).
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]
@@ -360,6 +365,10 @@ pub struct LeaderboardArgs {
     pub min_params: Option<String>,
     #[arg(long)]
     pub max_params: Option<String>,
+    /// Only designs of at most this many FLOPs (multiply-accumulates, e.g. `1.8G`): with
+    /// `--max-params` and `--dataset`, the best design for a budget across all sweeps.
+    #[arg(long)]
+    pub max_flops: Option<String>,
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
     #[arg(long, value_enum, default_value = "table")]
@@ -379,8 +388,12 @@ pub struct ResultsArgs {
     pub filter: Vec<String>,
     /// Exports every kept trial's per-epoch curve (epoch, losses, top-1/5, images/s, learning
     /// rate) instead of its final result.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "downstream")]
     pub curves: bool,
+    /// Exports the sweep's downstream evaluations (one row per trial and task, with its
+    /// state and, once finished, its metrics) instead of the training results.
+    #[arg(long, conflicts_with = "filter")]
+    pub downstream: bool,
     #[arg(long, value_enum, default_value = "csv")]
     pub format: TableFormat,
     #[command(flatten)]

@@ -10,15 +10,15 @@ use deepmad_design::Network;
 
 /// A plain text table: the first `left` columns left-aligned, the rest (numbers) right-aligned.
 struct Table {
-    header: Vec<&'static str>,
+    header: Vec<String>,
     left: usize,
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    fn new(header: Vec<&'static str>, left: usize) -> Table {
+    fn new<S: Into<String>>(header: Vec<S>, left: usize) -> Table {
         Table {
-            header,
+            header: header.into_iter().map(Into::into).collect(),
             left,
             rows: Vec::new(),
         }
@@ -45,7 +45,11 @@ impl Table {
             }
             text.trim_end().to_string()
         };
-        writeln!(out, "{}", line(self.header.clone()))?;
+        writeln!(
+            out,
+            "{}",
+            line(self.header.iter().map(String::as_str).collect())
+        )?;
         for row in &self.rows {
             writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
         }
@@ -286,6 +290,13 @@ pub fn sweep_created(
         "trials: new {}, reused results {}, shared with other sweeps {}",
         created.new_trials, created.reused_results, created.shared_trials
     )?;
+    if created.downstream_linked > 0 {
+        writeln!(
+            out,
+            "downstream trials queued for reused results: {}",
+            created.downstream_linked
+        )?;
+    }
     for point in &created.infeasible {
         writeln!(
             out,
@@ -296,19 +307,41 @@ pub fn sweep_created(
     Ok(())
 }
 
-/// Writes a leaderboard: best mean top-1 first.
+/// Returns the downstream tasks the rows name, in the order they first appear.
+pub fn downstream_names(rows: &[deepmad_proto::v1::LeaderboardRow]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for score in rows.iter().flat_map(|row| &row.downstream) {
+        if !names.contains(&score.name) {
+            names.push(score.name.clone());
+        }
+    }
+    names
+}
+
+/// Writes a leaderboard: best mean top-1 first, then one column per downstream task (its
+/// mean top-1 over seeds).
 pub fn leaderboard(
     out: &mut impl Write,
     rows: &[deepmad_proto::v1::LeaderboardRow],
 ) -> io::Result<()> {
-    let mut table = Table::new(
-        vec![
-            "rank", "design", "rho", "params", "FLOPs", "layers", "seeds", "top-1 %", "+-",
-            "top-5 %",
-        ],
-        2,
-    );
+    let tasks = downstream_names(rows);
+    let mut headers: Vec<String> = [
+        "rank", "design", "rho", "params", "FLOPs", "layers", "seeds", "top-1 %", "+-", "top-5 %",
+    ]
+    .iter()
+    .map(|header| header.to_string())
+    .collect();
+    headers.extend(tasks.iter().map(|name| format!("{name} %")));
+    let mut table = Table::new(headers, 2);
     for (rank, row) in rows.iter().enumerate() {
+        let downstream = tasks.iter().map(|name| {
+            row.downstream
+                .iter()
+                .find(|score| &score.name == name)
+                .map_or("-".to_string(), |score| {
+                    format!("{:.2}", score.top1_mean * 100.0)
+                })
+        });
         table.rows.push(vec![
             (rank + 1).to_string(),
             short(&row.design_id).to_string(),
@@ -321,6 +354,11 @@ pub fn leaderboard(
             format!("{:.2}", row.top1_std * 100.0),
             format!("{:.2}", row.top5_mean * 100.0),
         ]);
+        table
+            .rows
+            .last_mut()
+            .expect("a row was just pushed")
+            .extend(downstream);
     }
     table.write(out)
 }
@@ -460,5 +498,40 @@ pub fn analytics(
     writeln!(
         out,
         "front: on the Pareto front of accuracy against parameters and/or FLOPs"
-    )
+    )?;
+    if !analytics.downstream.is_empty() {
+        writeln!(out)?;
+        let mut table = Table::new(
+            vec![
+                "downstream task",
+                "dataset",
+                "designs",
+                "tau",
+                "best upstream",
+                "best downstream",
+            ],
+            0,
+        );
+        for agreement in &analytics.downstream {
+            let best = |design: &Option<String>| {
+                design
+                    .as_deref()
+                    .map_or("-".to_string(), |id| short(id).to_string())
+            };
+            table.rows.push(vec![
+                format!("{} ({})", agreement.name, agreement.kind),
+                agreement.dataset.clone(),
+                agreement.designs.to_string(),
+                tau(agreement.kendall_tau),
+                best(&agreement.best_upstream),
+                best(&agreement.best_downstream),
+            ]);
+        }
+        table.write(out)?;
+        writeln!(
+            out,
+            "tau: Kendall's tau-b of upstream against downstream mean top-1 over the designs with both"
+        )?;
+    }
+    Ok(())
 }

@@ -7,6 +7,8 @@
 //!   paused with SIGSTOP past its lease, a sweep cancelled while it trains.
 //! * `outage`: the database (a private PostgreSQL server the test starts) stops and restarts.
 //! * `hostile`: wrong tokens, malformed protobuf, oversized messages, absurd sweeps.
+//! * `downstream`: a linear probe and a fine-tune of every trained backbone, leased to any
+//!   worker, the weights passed through the coordinator.
 //! * `embedded`: `deepmad run` on SQLite: a sweep interrupted with SIGINT, resumed, reused.
 //!
 //! The harness (`e2e/harness.rs`) keeps each process's log in the test's temp dir, prints
@@ -26,6 +28,8 @@ mod postgres;
 #[path = "e2e/process.rs"]
 mod process;
 
+#[path = "e2e/downstream.rs"]
+mod downstream;
 #[path = "e2e/embedded.rs"]
 mod embedded;
 #[path = "e2e/faults.rs"]

@@ -176,6 +176,7 @@ fn load_sweep(trials: usize) -> NewSweep {
         seeds: (1..=5).collect(),
         max_attempts: 3,
         grid,
+        tasks: Vec::new(),
         designs,
     }
 }

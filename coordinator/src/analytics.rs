@@ -63,6 +63,97 @@ pub struct SweepAnalytics {
     pub by_rho: Vec<RhoGroup>,
     /// Kendall's tau-b between entropy and mean top-1 over all designs.
     pub kendall_tau: Option<f64>,
+    /// Per downstream task: upstream against downstream ranking ([`rank_agreement`]).
+    pub downstream: Vec<RankAgreement>,
+}
+
+/// One downstream trial's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DownstreamObservation {
+    pub design_id: String,
+    /// The task's name in the sweep.
+    pub name: String,
+    pub kind: String,
+    pub dataset: String,
+    pub top1: f64,
+}
+
+/// Whether the upstream ranking of designs carries over to a downstream task (the paper's
+/// Sec. 5.7 question, asked of the user's own tasks).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RankAgreement {
+    pub name: String,
+    pub kind: String,
+    pub dataset: String,
+    /// Designs with both an upstream and a downstream result.
+    pub designs: usize,
+    /// Kendall's tau-b of upstream mean top-1 against downstream mean top-1 over those
+    /// designs (seeds averaged); `None` with fewer than two or a constant variable.
+    pub kendall_tau: Option<f64>,
+    /// The best design upstream among those designs, and the best downstream.
+    pub best_upstream: Option<String>,
+    pub best_downstream: Option<String>,
+}
+
+impl RankAgreement {
+    /// Whether one design is best both upstream and downstream.
+    pub fn same_best(&self) -> bool {
+        self.best_upstream.is_some() && self.best_upstream == self.best_downstream
+    }
+}
+
+/// Compares, per downstream task (in the order the observations first name them), the
+/// designs' upstream mean top-1 with their downstream mean top-1.
+pub fn rank_agreement(
+    designs: &[DesignPoint],
+    downstream: &[DownstreamObservation],
+) -> Vec<RankAgreement> {
+    let mut names: Vec<&DownstreamObservation> = Vec::new();
+    for observation in downstream {
+        if !names.iter().any(|seen| seen.name == observation.name) {
+            names.push(observation);
+        }
+    }
+    names
+        .into_iter()
+        .map(|task| {
+            // (upstream mean, downstream mean, design) for designs with both.
+            let pairs: Vec<(f64, f64, &str)> = designs
+                .iter()
+                .filter_map(|design| {
+                    let values: Vec<f64> = downstream
+                        .iter()
+                        .filter(|o| o.name == task.name && o.design_id == design.design_id)
+                        .map(|o| o.top1)
+                        .collect();
+                    let (mean, _) = mean_std(&values);
+                    (!values.is_empty()).then_some((
+                        design.top1_mean,
+                        mean,
+                        design.design_id.as_str(),
+                    ))
+                })
+                .collect();
+            let best = |pick: fn(&(f64, f64, &str)) -> f64| {
+                pairs
+                    .iter()
+                    .max_by(|a, b| pick(a).total_cmp(&pick(b)).then_with(|| b.2.cmp(a.2)))
+                    .map(|pair| pair.2.to_string())
+            };
+            RankAgreement {
+                name: task.name.clone(),
+                kind: task.kind.clone(),
+                dataset: task.dataset.clone(),
+                designs: pairs.len(),
+                kendall_tau: kendall_tau_b(
+                    &pairs.iter().map(|p| p.0).collect::<Vec<_>>(),
+                    &pairs.iter().map(|p| p.1).collect::<Vec<_>>(),
+                ),
+                best_upstream: best(|p| p.0),
+                best_downstream: best(|p| p.1),
+            }
+        })
+        .collect()
 }
 
 /// Computes a sweep's analytics from its results.
@@ -157,6 +248,7 @@ pub fn analyze(observations: &[Observation]) -> SweepAnalytics {
         designs,
         by_rho,
         kendall_tau,
+        downstream: Vec::new(),
     }
 }
 

@@ -1,5 +1,5 @@
-//! The coordinator process: store, start-up grace, reaper, gRPC and metrics servers, wired
-//! together and run until a shutdown token is cancelled.
+//! The coordinator process: store, start-up grace, reaper, gRPC, metrics and dashboard
+//! servers, wired together and run until a shutdown token is cancelled.
 
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use crate::server::{build_router, serve};
 use crate::service::{Coordinator, WorkConfig};
 use crate::settings::Validated;
 use crate::store::Store;
+use crate::web::{dashboard_router, serve_dashboard};
 
 /// Returns the work protocol's parameters from the validated settings.
 pub fn work_config(settings: &Validated) -> WorkConfig {
@@ -26,6 +27,7 @@ pub fn work_config(settings: &Validated) -> WorkConfig {
         max_grid_points: settings.limits.max_grid_points,
         retry: settings.retry,
         solver_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        weights_dir: settings.weights_dir.clone(),
     }
 }
 
@@ -59,6 +61,36 @@ pub async fn run(
     metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let listeners = Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+        dashboard: None,
+    };
+    run_all(settings, coordinator, listeners, shutdown).await
+}
+
+/// The ports a coordinator serves: gRPC, and optionally Prometheus metrics and the web
+/// dashboard (each bound by the caller, so tests bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+    pub dashboard: Option<TcpListener>,
+}
+
+/// Runs like [`run`], with the dashboard ([`crate::web`]) too when `listeners.dashboard` is
+/// set, behind the same tokens as gRPC; it stops with the rest.
+pub async fn run_all(
+    settings: &Validated,
+    coordinator: Arc<Coordinator>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+        dashboard: dashboard_listener,
+    } = listeners;
     let reaper = tokio::spawn(coordinator.clone().run_reaper(shutdown.clone()));
     let metrics_task = metrics_listener.map(|listener| {
         let router = metrics_router(coordinator.metrics.clone());
@@ -66,6 +98,16 @@ pub async fn run(
         tokio::spawn(async move {
             if let Err(error) = serve_metrics(listener, router, shutdown.cancelled_owned()).await {
                 warn!(%error, "metrics server stopped");
+            }
+        })
+    });
+    let dashboard_task = dashboard_listener.map(|listener| {
+        let router = dashboard_router(coordinator.clone(), settings.tokens.clone());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "dashboard serving");
+            if let Err(error) = serve_dashboard(listener, router, shutdown.cancelled_owned()).await {
+                warn!(%error, "dashboard server stopped");
             }
         })
     });
@@ -83,7 +125,7 @@ pub async fn run(
     let served = serve(listener, router, shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
     let _ = reaper.await;
-    if let Some(task) = metrics_task {
+    for task in [metrics_task, dashboard_task].into_iter().flatten() {
         let _ = task.await;
     }
     coordinator.store.close().await;

@@ -93,7 +93,9 @@ impl fmt::Debug for Tokens {
     }
 }
 
-fn digest(token: &str) -> [u8; 32] {
+/// Returns the SHA-256 of a token: what [`Tokens`] keeps, and what the dashboard's session
+/// cookie holds (`web/auth.rs`), so the cookie is not the token itself.
+pub fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
@@ -113,10 +115,15 @@ impl Tokens {
 
     /// Returns the role of `token`, comparing against every configured token in constant time.
     pub fn role_of(&self, token: &str) -> Option<Role> {
-        let presented = digest(token);
+        self.role_of_digest(&digest(token))
+    }
+
+    /// Returns the role of the token whose [`digest`] is `presented`, comparing against every
+    /// configured token in constant time.
+    pub fn role_of_digest(&self, presented: &[u8; 32]) -> Option<Role> {
         let matches = |set: &[[u8; 32]]| {
             set.iter().fold(Choice::from(0), |found, known| {
-                found | known.ct_eq(&presented)
+                found | known.ct_eq(presented)
             })
         };
         let (worker, client) = (matches(&self.worker), matches(&self.client));
@@ -182,7 +189,7 @@ pub fn authorize(
 }
 
 /// Returns the token of `Bearer <token>` (the scheme is case-insensitive, RFC 7235).
-fn bearer_token(header: &str) -> Option<&str> {
+pub fn bearer_token(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim().split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)

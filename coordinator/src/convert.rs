@@ -18,9 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::model::{AttemptState, DesignId, FailureClass, SweepState, TrialState, WorkerId};
 use crate::store::{
-    AttemptRecord, CompleteOutcome, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome,
-    LeaderboardFilter, LeaderboardRow, Lease, NewGridPoint, NewWorker, Progress, ResultRecord,
-    SweepCreated, SweepSummary, TrialCounts, TrialHistory,
+    AttemptRecord, CompleteOutcome, DownstreamRecord, EpochMetrics, FailOutcome, FinalMetrics,
+    HeartbeatOutcome, LeaderboardFilter, LeaderboardRow, Lease, NewGridPoint, NewWorker, Progress,
+    ResultRecord, SweepCreated, SweepSummary, TrialCounts, TrialHistory,
 };
 
 fn invalid(field: &str, reason: impl Into<String>) -> Error {
@@ -198,6 +198,7 @@ pub fn create_sweep_response(
         reused_results: created.reused_results,
         shared_trials: created.shared_trials,
         infeasible,
+        downstream_linked: created.downstream_linked,
     }
 }
 
@@ -267,6 +268,9 @@ impl From<&Lease> for v1::Assignment {
             dataset: lease.dataset.clone(),
             seed: lease.seed,
             expires_at: Some(timestamp(lease.expires_at)),
+            task: lease.task.clone(),
+            parent_trial_id: lease.parent.map(|parent| parent.to_string()),
+            upload_weights: lease.upload_weights,
         }
     }
 }
@@ -472,6 +476,10 @@ pub fn leaderboard_filter_from_proto(
             ));
         }
     }
+    let max_flops = request
+        .max_flops
+        .map(|v| count_from_wire(v, "max_flops"))
+        .transpose()?;
     let limit = if request.limit == 0 {
         default_limit
     } else {
@@ -486,6 +494,7 @@ pub fn leaderboard_filter_from_proto(
         family,
         min_params,
         max_params,
+        max_flops,
         limit: limit.min(max_limit),
     })
 }
@@ -507,6 +516,40 @@ impl From<&LeaderboardRow> for v1::LeaderboardRow {
             top1_mean: row.top1_mean,
             top1_std: row.top1_std,
             top5_mean: row.top5_mean,
+            downstream: row
+                .downstream
+                .iter()
+                .map(|score| v1::DownstreamScore {
+                    name: score.name.clone(),
+                    task: score.kind.clone(),
+                    dataset: score.dataset.clone(),
+                    seeds: score.seeds,
+                    top1_mean: score.top1_mean,
+                    top1_std: score.top1_std,
+                    top5_mean: score.top5_mean,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&DownstreamRecord> for v1::DownstreamRow {
+    fn from(record: &DownstreamRecord) -> v1::DownstreamRow {
+        v1::DownstreamRow {
+            trial_id: record.trial.to_string(),
+            parent_trial_id: record.parent.to_string(),
+            design_id: record.design_id.0.clone(),
+            seed: record.seed,
+            name: record.name.clone(),
+            task: record.kind.clone(),
+            dataset: record.dataset.clone(),
+            state: v1::TrialState::from(record.state) as i32,
+            top1: record.top1,
+            top5: record.top5,
+            test_loss: record.test_loss,
+            epochs: record.epochs.and_then(|epochs| u32::try_from(epochs).ok()),
+            upstream_dataset: record.upstream_dataset.clone(),
+            upstream_recipe_hash: record.upstream_recipe_hash.clone(),
         }
     }
 }
@@ -618,6 +661,20 @@ impl From<&crate::analytics::SweepAnalytics> for v1::SweepAnalyticsResponse {
                 })
                 .collect(),
             kendall_tau: analytics.kendall_tau,
+            downstream: analytics
+                .downstream
+                .iter()
+                .map(|agreement| v1::RankAgreement {
+                    name: agreement.name.clone(),
+                    task: agreement.kind.clone(),
+                    dataset: agreement.dataset.clone(),
+                    designs: count(agreement.designs),
+                    kendall_tau: agreement.kendall_tau,
+                    same_best: agreement.same_best(),
+                    best_upstream: agreement.best_upstream.clone(),
+                    best_downstream: agreement.best_downstream.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -656,6 +713,19 @@ impl From<&v1::SweepAnalyticsResponse> for crate::analytics::SweepAnalytics {
                 })
                 .collect(),
             kendall_tau: response.kendall_tau,
+            downstream: response
+                .downstream
+                .iter()
+                .map(|agreement| crate::analytics::RankAgreement {
+                    name: agreement.name.clone(),
+                    kind: agreement.task.clone(),
+                    dataset: agreement.dataset.clone(),
+                    designs: agreement.designs as usize,
+                    kendall_tau: agreement.kendall_tau,
+                    best_upstream: agreement.best_upstream.clone(),
+                    best_downstream: agreement.best_downstream.clone(),
+                })
+                .collect(),
         }
     }
 }

@@ -13,11 +13,12 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::model::{AttemptId, FailureClass, LeaseToken, SweepId, TrialId, WorkerId};
 use crate::store::{
-    CompleteOutcome, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome, LeaderboardFilter,
-    LeaderboardRow, Lease, NewGridPoint, NewWorker, Progress, ResultRecord, RetryPolicy, Store,
-    StoreError, SweepCreated, SweepSummary, TrialHistory,
+    CompleteOutcome, DownstreamRecord, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome,
+    LeaderboardFilter, LeaderboardRow, Lease, LeasedTrial, NewGridPoint, NewWorker, Progress,
+    ResultRecord, RetryPolicy, Store, StoreError, SweepCreated, SweepSummary, TrialHistory,
 };
 use crate::sweep::{assemble, solve_all, SweepSpec};
+use crate::weights::WeightStore;
 
 /// The protocol version workers must speak.
 pub const PROTOCOL_VERSION: i32 = deepmad_proto::PROTOCOL_VERSION as i32;
@@ -34,6 +35,8 @@ pub struct WorkConfig {
     pub retry: RetryPolicy,
     /// Threads that solve a sweep's grid points.
     pub solver_threads: usize,
+    /// Where trained weights for downstream evaluations are kept.
+    pub weights_dir: std::path::PathBuf,
 }
 
 /// Time as the coordinator sees it: the wall clock at start-up plus tokio's monotonic time
@@ -87,6 +90,8 @@ pub struct Coordinator {
     pub config: WorkConfig,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
+    /// Trained weights kept for downstream evaluations.
+    pub weights: WeightStore,
     /// Cancelled when the process shuts down: long-lived streams end on it.
     pub shutdown: CancellationToken,
     /// Set when a lease-protocol call found the store unavailable; cleared by the grace that
@@ -104,6 +109,7 @@ impl Coordinator {
     ) -> Coordinator {
         Coordinator {
             store,
+            weights: WeightStore::new(config.weights_dir.clone()),
             config,
             metrics,
             clock: Clock::new(),
@@ -316,6 +322,62 @@ impl Coordinator {
         Ok(outcome)
     }
 
+    /// Checks that `attempt` holds the lease of a training trial before its weights are
+    /// uploaded.
+    pub async fn authorize_upload(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+    ) -> Result<LeasedTrial, Error> {
+        let leased = self
+            .store
+            .leased_trial(attempt, token, self.clock.now())
+            .await?;
+        if leased.task != "train" {
+            return Err(Error::InvalidArgument {
+                field: "attempt_id".into(),
+                reason: format!(
+                    "attempt {attempt} runs a {} evaluation; only training trials upload weights",
+                    leased.task
+                ),
+            });
+        }
+        Ok(leased)
+    }
+
+    /// Returns the weights file a leased downstream trial starts from: its training trial's
+    /// result attempt's upload.
+    pub async fn weights_for(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+    ) -> Result<std::path::PathBuf, Error> {
+        let leased = self
+            .store
+            .leased_trial(attempt, token, self.clock.now())
+            .await?;
+        let (Some(parent), Some(source)) = (leased.parent, leased.parent_result_attempt) else {
+            return Err(Error::InvalidArgument {
+                field: "attempt_id".into(),
+                reason: format!(
+                    "attempt {attempt} is not a downstream evaluation with a trained parent"
+                ),
+            });
+        };
+        let path = self.weights.path(source);
+        if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Err(Error::NotFound {
+                what: "weights of trial".into(),
+                id: format!(
+                    "{parent} (attempt {source}): they were not uploaded, so the trial was \
+                     trained before any sweep asked for downstream tasks, or the weights \
+                     directory was lost"
+                ),
+            });
+        }
+        Ok(path)
+    }
+
     pub async fn leaderboard(
         &self,
         filter: &LeaderboardFilter,
@@ -344,7 +406,37 @@ impl Coordinator {
                 top1: record.top1,
             })
             .collect();
-        Ok(crate::analytics::analyze(&observations))
+        let mut analytics = crate::analytics::analyze(&observations);
+        let downstream: Vec<crate::analytics::DownstreamObservation> = self
+            .store
+            .downstream_results(sweep)
+            .await?
+            .into_iter()
+            .filter_map(|record| {
+                Some(crate::analytics::DownstreamObservation {
+                    top1: record.top1?,
+                    design_id: record.design_id.0,
+                    name: record.name,
+                    kind: record.kind,
+                    dataset: record.dataset,
+                })
+            })
+            .collect();
+        analytics.downstream = crate::analytics::rank_agreement(&analytics.designs, &downstream);
+        Ok(analytics)
+    }
+
+    /// A sweep's downstream trials, with their results once they have them.
+    pub async fn downstream_results(&self, sweep: SweepId) -> Result<Vec<DownstreamRecord>, Error> {
+        Ok(self.store.downstream_results(sweep).await?)
+    }
+
+    /// Returns a stored design: its architecture JSON and the numbers stored with it.
+    pub async fn get_design(
+        &self,
+        id: &crate::model::DesignId,
+    ) -> Result<crate::store::NewDesign, Error> {
+        Ok(self.store.get_design(id).await?)
     }
 
     pub async fn trial_history(&self, trial: TrialId) -> Result<TrialHistory, Error> {

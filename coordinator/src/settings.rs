@@ -17,6 +17,8 @@
 //! client_tokens = ["..."]
 //! [lease]
 //! lease_ms = 60000
+//! [dashboard]
+//! listen = "0.0.0.0:8080"
 //! ```
 
 use std::collections::BTreeMap;
@@ -54,7 +56,25 @@ pub struct Settings {
     pub lease: LeaseSettings,
     pub retry: RetrySettings,
     pub metrics: MetricsSettings,
+    pub dashboard: DashboardSettings,
     pub limits: LimitSettings,
+    pub storage: StorageSettings,
+}
+
+/// Files the coordinator keeps beside the database.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// Trained weights uploaded for downstream evaluations (one file per attempt).
+    pub weights_dir: PathBuf,
+}
+
+impl Default for StorageSettings {
+    fn default() -> StorageSettings {
+        StorageSettings {
+            weights_dir: PathBuf::from("deepmad-weights"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -125,6 +145,14 @@ pub struct MetricsSettings {
     pub listen: Option<String>,
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DashboardSettings {
+    /// The web dashboard's HTTP address, `IP:PORT` (`None`: no dashboard). With tokens set it
+    /// asks for a client token; without, it may only listen on a loopback address.
+    pub listen: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitSettings {
@@ -143,7 +171,9 @@ impl Default for Settings {
             lease: LeaseSettings::default(),
             retry: RetrySettings::default(),
             metrics: MetricsSettings::default(),
+            dashboard: DashboardSettings::default(),
             limits: LimitSettings::default(),
+            storage: StorageSettings::default(),
         }
     }
 }
@@ -259,7 +289,11 @@ pub struct Validated {
     pub max_attempts: u32,
     pub retry: RetryPolicy,
     pub metrics_listen: Option<SocketAddr>,
+    /// The dashboard's address (a loopback one when auth is off).
+    pub dashboard_listen: Option<SocketAddr>,
     pub limits: Limits,
+    /// Where uploaded weights are kept.
+    pub weights_dir: PathBuf,
 }
 
 /// Returns the process's `DEEPMAD__*` environment variables: the only place the coordinator
@@ -391,6 +425,7 @@ impl Settings {
             None => None,
         };
         let tokens = self.auth.validate(listen)?;
+        let dashboard_listen = self.dashboard.validate(&tokens)?;
         Ok(Validated {
             listen,
             database_url: self.database.validate()?,
@@ -401,7 +436,9 @@ impl Settings {
             max_attempts: self.retry.validate_max_attempts()?,
             retry: self.retry.validate_policy()?,
             metrics_listen,
+            dashboard_listen,
             limits: self.limits.validate()?,
+            weights_dir: self.storage.validate()?,
         })
     }
 }
@@ -413,6 +450,39 @@ fn parse_address(key: &str, text: &str) -> Result<SocketAddr, SettingsError> {
             format!("expected IP:PORT such as 127.0.0.1:50051, got {text:?}"),
         )
     })
+}
+
+impl StorageSettings {
+    fn validate(&self) -> Result<PathBuf, SettingsError> {
+        if self.weights_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "storage.weights_dir",
+                "must name a directory".to_string(),
+            ));
+        }
+        Ok(self.weights_dir.clone())
+    }
+}
+
+impl DashboardSettings {
+    /// Parses the address; without tokens it must be a loopback one, as gRPC's.
+    fn validate(&self, tokens: &Tokens) -> Result<Option<SocketAddr>, SettingsError> {
+        let Some(text) = &self.listen else {
+            return Ok(None);
+        };
+        let address = parse_address("dashboard.listen", text)?;
+        if !tokens.is_enabled() && !address.ip().is_loopback() {
+            return Err(invalid(
+                "dashboard.listen",
+                format!(
+                    "{address} is not a loopback address, and auth is off: set \
+                     auth.worker_tokens and auth.client_tokens to serve the dashboard beyond \
+                     this machine"
+                ),
+            ));
+        }
+        Ok(Some(address))
+    }
 }
 
 impl DatabaseSettings {

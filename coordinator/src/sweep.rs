@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Error;
 use crate::model::{DesignId, SweepId};
-use crate::store::{NewDesign, NewGridPoint, NewSweep};
+use crate::store::{NewDesign, NewGridPoint, NewSweep, NewTask};
 
 /// The version of the solver that produced a design, stored with it.
 pub const SOLVER_VERSION: &str = concat!("deepmad-design ", env!("CARGO_PKG_VERSION"));
@@ -66,6 +66,62 @@ fn default_beta() -> f64 {
     deepmad_design::score::DEFAULT_BETA
 }
 
+/// What a downstream evaluation does with a trained backbone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    /// Freeze the backbone, train a new linear classifier on the task's dataset.
+    LinearProbe,
+    /// Train the whole network, with a new classifier, on the task's dataset.
+    Finetune,
+}
+
+impl TaskKind {
+    /// Returns `linear-probe` or `finetune`, as the store and the wire spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::LinearProbe => "linear-probe",
+            TaskKind::Finetune => "finetune",
+        }
+    }
+
+    /// Parses [`TaskKind::name`].
+    pub fn parse(text: &str) -> Option<TaskKind> {
+        match text {
+            "linear-probe" => Some(TaskKind::LinearProbe),
+            "finetune" => Some(TaskKind::Finetune),
+            _ => None,
+        }
+    }
+}
+
+/// One downstream evaluation: queued for each training trial of the sweep once it succeeds,
+/// starting from that trial's trained weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamSpec {
+    /// The leaderboard column's name, unique in the sweep; defaults to the task's kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub task: TaskKind,
+    /// `KIND:PATH` of the task's dataset (images are resized to the design's input).
+    pub dataset: String,
+    /// Overrides of the sweep's recipe for this task (top-level keys replace the sweep's).
+    #[serde(default = "empty_object")]
+    pub recipe: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+
+impl DownstreamSpec {
+    /// Returns the task's name: the given one or the kind's.
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(self.task.name())
+    }
+}
+
 /// A sweep request, as a TOML file or a gRPC `SweepSpec` gives it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,9 +133,9 @@ pub struct SweepSpec {
     pub grid: GridSpec,
     /// The training recipe, passed to workers as JSON; validated by them.
     pub recipe: serde_json::Value,
-    /// Downstream evaluations (issue 7); must be empty for now.
+    /// Downstream evaluations of every trained backbone (`[[downstream]]` tables).
     #[serde(default)]
-    pub downstream: Vec<String>,
+    pub downstream: Vec<DownstreamSpec>,
     /// Deterministic failures allowed per trial before it is dead.
     #[serde(default)]
     pub max_attempts: Option<u32>,
@@ -158,12 +214,7 @@ impl SweepSpec {
                 format!("needs 1 to 100 seeds, got {}", self.seeds.len()),
             ));
         }
-        if !self.downstream.is_empty() {
-            return Err(invalid(
-                "downstream",
-                "downstream evaluations are not implemented yet (issue 7); remove them".into(),
-            ));
-        }
+        self.validate_downstream()?;
         if !self.recipe.is_object() {
             return Err(invalid(
                 "recipe",
@@ -214,13 +265,86 @@ impl SweepSpec {
     }
 }
 
+impl SweepSpec {
+    fn validate_downstream(&self) -> Result<(), Error> {
+        if self.downstream.len() > 16 {
+            return Err(Error::InvalidArgument {
+                field: "downstream".into(),
+                reason: format!("at most 16 tasks, got {}", self.downstream.len()),
+            });
+        }
+        let mut names = std::collections::HashSet::new();
+        for (index, task) in self.downstream.iter().enumerate() {
+            let field = |key: &str| format!("downstream[{index}].{key}");
+            let name = task.name();
+            if name.trim().is_empty() || name.len() > 64 {
+                return Err(Error::InvalidArgument {
+                    field: field("name"),
+                    reason: "must be 1 to 64 characters".into(),
+                });
+            }
+            if !names.insert(name) {
+                return Err(Error::InvalidArgument {
+                    field: field("name"),
+                    reason: format!("{name:?} names two tasks; give each task its own name"),
+                });
+            }
+            check_dataset_field(&task.dataset, &field("dataset"))?;
+            if !task.recipe.is_object() {
+                return Err(Error::InvalidArgument {
+                    field: field("recipe"),
+                    reason: "must be a table of training settings".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns the sweep's downstream tasks as the store keeps them: the recipe is the
+    /// sweep's with the task's keys on top, and the hash identifies (kind, dataset, recipe).
+    pub fn tasks(&self) -> Vec<NewTask> {
+        self.downstream
+            .iter()
+            .enumerate()
+            .map(|(index, task)| {
+                let mut recipe = self.recipe.clone();
+                if let (Some(base), Some(overrides)) =
+                    (recipe.as_object_mut(), task.recipe.as_object())
+                {
+                    for (key, value) in overrides {
+                        base.insert(key.clone(), value.clone());
+                    }
+                }
+                let recipe_json = canonical_json(&recipe);
+                let identity = serde_json::json!({
+                    "kind": task.task.name(),
+                    "dataset": task.dataset,
+                    "recipe": recipe,
+                });
+                NewTask {
+                    index: index as i32,
+                    name: task.name().to_string(),
+                    kind: task.task.name().to_string(),
+                    dataset: task.dataset.clone(),
+                    task_hash: sha256_hex(&canonical_json(&identity)),
+                    recipe_json,
+                }
+            })
+            .collect()
+    }
+}
+
 /// Checks a `KIND:PATH` dataset spec.
 fn check_dataset(dataset: &str) -> Result<(), Error> {
+    check_dataset_field(dataset, "dataset")
+}
+
+fn check_dataset_field(dataset: &str, field: &str) -> Result<(), Error> {
     let kinds = ["cifar10", "cifar100", "idx", "folder"];
     match dataset.split_once(':') {
         Some((kind, path)) if kinds.contains(&kind) && !path.is_empty() => Ok(()),
         _ => Err(Error::InvalidArgument {
-            field: "dataset".into(),
+            field: field.into(),
             reason: format!(
                 "expected KIND:PATH with KIND one of {}, got {dataset:?}",
                 kinds.join(", ")
@@ -328,6 +452,7 @@ pub fn assemble(
         recipe_json,
         seeds: spec.seeds.iter().map(|s| *s as i64).collect(),
         max_attempts: spec.max_attempts.unwrap_or(max_attempts) as i32,
+        tasks: spec.tasks(),
         grid,
         designs: designs.into_values().collect(),
     })

@@ -92,7 +92,7 @@ fn spec(rho: Vec<f64>) -> v1::SweepSpec {
         recipe_json: r#"{"epochs": 1}"#.into(),
         dataset: "idx:data/mnist-subset".into(),
         seeds: vec![0],
-        downstream_tasks: vec![],
+        downstream: vec![],
         max_attempts: 0,
     }
 }
@@ -137,7 +137,7 @@ async fn a_sweep_runs_through_the_api() {
 
     let worker_id = uuid::Uuid::new_v4().to_string();
     let register = v1::RegisterRequest {
-        protocol_version: 1,
+        protocol_version: deepmad_proto::PROTOCOL_VERSION,
         worker_id: worker_id.clone(),
         name: "test".into(),
         devices: vec![],
@@ -255,6 +255,15 @@ async fn a_sweep_runs_through_the_api() {
     assert_eq!(malformed.code(), Code::InvalidArgument, "{malformed:?}");
 }
 
+fn downstream(task: &str, dataset: &str) -> v1::DownstreamTask {
+    v1::DownstreamTask {
+        name: String::new(),
+        task: task.into(),
+        dataset: dataset.into(),
+        recipe_json: r#"{"epochs":1}"#.into(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_refused_and_store_nothing() {
     let running = start(vec![]).await;
@@ -279,6 +288,44 @@ async fn bad_requests_are_refused_and_store_nothing() {
             },
             Code::InvalidArgument,
             "recipe",
+        ),
+        (
+            v1::SweepSpec {
+                downstream: vec![downstream("knn", "idx:data/other")],
+                ..spec(vec![0.3])
+            },
+            Code::InvalidArgument,
+            "spec.downstream[0].task",
+        ),
+        (
+            v1::SweepSpec {
+                downstream: vec![downstream("finetune", "elsewhere")],
+                ..spec(vec![0.3])
+            },
+            Code::InvalidArgument,
+            "downstream[0].dataset",
+        ),
+        (
+            v1::SweepSpec {
+                downstream: vec![
+                    downstream("finetune", "idx:a"),
+                    downstream("finetune", "idx:b"),
+                ],
+                ..spec(vec![0.3])
+            },
+            Code::InvalidArgument,
+            "downstream[1].name",
+        ),
+        (
+            v1::SweepSpec {
+                downstream: vec![v1::DownstreamTask {
+                    recipe_json: "[1, 2]".into(),
+                    ..downstream("linear-probe", "idx:a")
+                }],
+                ..spec(vec![0.3])
+            },
+            Code::InvalidArgument,
+            "downstream[0].recipe",
         ),
     ];
     for (spec, code, needle) in cases {
@@ -335,7 +382,7 @@ async fn bad_requests_are_refused_and_store_nothing() {
 async fn register(work: &mut WorkServiceClient<Channel>) -> String {
     let worker_id = uuid::Uuid::new_v4().to_string();
     work.register(v1::RegisterRequest {
-        protocol_version: 1,
+        protocol_version: deepmad_proto::PROTOCOL_VERSION,
         worker_id: worker_id.clone(),
         name: "w".into(),
         devices: vec![],
@@ -480,7 +527,7 @@ async fn expired_leases_are_reaped_and_fenced() {
             id,
             name: "w".into(),
             devices_json: "[]".into(),
-            protocol_version: 1,
+            protocol_version: deepmad_proto::PROTOCOL_VERSION as i32,
         };
         coordinator.register(worker).await.unwrap();
     }
@@ -717,4 +764,179 @@ async fn the_lease_lifecycle_follows_the_coordinators_clock() {
         .requeued;
     assert_eq!(requeued, 1);
     assert!(lease(&mut work).await.assignment.is_some());
+}
+
+fn chunks(assignment: &v1::Assignment, data: &[u8], sha256: &str) -> Vec<v1::WeightsChunk> {
+    data.chunks(5)
+        .enumerate()
+        .map(|(index, piece)| v1::WeightsChunk {
+            attempt_id: if index == 0 {
+                assignment.attempt_id.clone()
+            } else {
+                String::new()
+            },
+            lease_token: if index == 0 {
+                assignment.lease_token.clone()
+            } else {
+                String::new()
+            },
+            total_bytes: if index == 0 { data.len() as u64 } else { 0 },
+            sha256: if index == 0 {
+                sha256.to_string()
+            } else {
+                String::new()
+            },
+            data: piece.to_vec(),
+        })
+        .collect()
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+async fn lease_one(work: &mut WorkServiceClient<Channel>, worker_id: &str) -> v1::Assignment {
+    work.lease(v1::LeaseRequest {
+        worker_id: worker_id.to_string(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .assignment
+    .expect("a trial is queued")
+}
+
+#[tokio::test]
+async fn trained_weights_travel_to_downstream_trials_under_their_leases() {
+    let weights_dir = tempfile::tempdir().unwrap();
+    let running = start(vec![(
+        "DEEPMAD__STORAGE__WEIGHTS_DIR".into(),
+        weights_dir.path().display().to_string(),
+    )])
+    .await;
+    let channel = channel(running.address).await;
+    let mut sweeps = SweepServiceClient::new(channel.clone());
+    let mut work = WorkServiceClient::new(channel);
+    let created = sweeps
+        .create_sweep(v1::CreateSweepRequest {
+            spec: Some(v1::SweepSpec {
+                downstream: vec![downstream("finetune", "idx:data/other")],
+                ..spec(vec![0.3])
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.new_trials, 1);
+    let worker_id = register(&mut work).await;
+    let training = lease_one(&mut work, &worker_id).await;
+    assert_eq!(
+        (training.task.as_str(), training.upload_weights),
+        ("train", true)
+    );
+
+    let data = b"a safetensors checkpoint, in spirit".to_vec();
+    let sha = hex_sha256(&data);
+    // A wrong token, a wrong hash and a short upload are refused and leave no file.
+    let mut forged = chunks(&training, &data, &sha);
+    forged[0].lease_token = uuid::Uuid::new_v4().to_string();
+    let status = work
+        .upload_weights(tokio_stream::iter(forged))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let wrong_hash = chunks(&training, &data, &hex_sha256(b"other"));
+    let status = work
+        .upload_weights(tokio_stream::iter(wrong_hash))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("SHA-256"), "{status:?}");
+    let mut short = chunks(&training, &data, &sha);
+    short.pop();
+    let status = work
+        .upload_weights(tokio_stream::iter(short))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(std::fs::read_dir(weights_dir.path()).unwrap().count(), 0);
+    // A training attempt has no weights to fetch.
+    let status = work
+        .fetch_weights(v1::FetchWeightsRequest {
+            attempt_id: training.attempt_id.clone(),
+            lease_token: training.lease_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    let uploaded = work
+        .upload_weights(tokio_stream::iter(chunks(&training, &data, &sha)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(uploaded.bytes, data.len() as u64);
+    work.complete(v1::CompleteRequest {
+        attempt_id: training.attempt_id.clone(),
+        lease_token: training.lease_token.clone(),
+        metrics: Some(metrics(0.9)),
+    })
+    .await
+    .unwrap();
+
+    // The fine-tune is queued by the completion; its lease fetches exactly those bytes.
+    let finetune = lease_one(&mut work, &worker_id).await;
+    assert_eq!(finetune.task, "finetune");
+    assert_eq!(
+        finetune.parent_trial_id.as_deref(),
+        Some(training.trial_id.as_str())
+    );
+    assert_eq!(finetune.dataset, "idx:data/other");
+    let mut stream = work
+        .fetch_weights(v1::FetchWeightsRequest {
+            attempt_id: finetune.attempt_id.clone(),
+            lease_token: finetune.lease_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("a chunk");
+    assert_eq!(
+        (first.total_bytes, first.sha256.as_str()),
+        (data.len() as u64, sha.as_str())
+    );
+    let mut fetched = first.data;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        fetched.extend(chunk.data);
+    }
+    assert_eq!(fetched, data);
+    // Without the lease, nothing.
+    let status = work
+        .fetch_weights(v1::FetchWeightsRequest {
+            attempt_id: finetune.attempt_id.clone(),
+            lease_token: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    // Lost weights are NotFound, naming the trial.
+    let file = std::fs::read_dir(weights_dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    std::fs::remove_file(file.path()).unwrap();
+    let status = work
+        .fetch_weights(v1::FetchWeightsRequest {
+            attempt_id: finetune.attempt_id.clone(),
+            lease_token: finetune.lease_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains(&training.trial_id), "{status:?}");
 }

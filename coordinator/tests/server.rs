@@ -94,6 +94,19 @@ impl SweepService for Stub {
 
 #[tonic::async_trait]
 impl WorkService for Stub {
+    type FetchWeightsStream = Stream<v1::WeightsChunk>;
+    async fn upload_weights(
+        &self,
+        request: Request<tonic::Streaming<v1::WeightsChunk>>,
+    ) -> Answer<v1::UploadWeightsResponse> {
+        Err(caller(&request))
+    }
+    async fn fetch_weights(
+        &self,
+        request: Request<v1::FetchWeightsRequest>,
+    ) -> Answer<Self::FetchWeightsStream> {
+        Err(caller(&request))
+    }
     async fn register(
         &self,
         request: Request<v1::RegisterRequest>,

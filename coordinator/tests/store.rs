@@ -12,8 +12,8 @@ use deepmad_coordinator::model::{
 };
 use deepmad_coordinator::store::{
     CompleteOutcome, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome, LeaderboardFilter,
-    Lease, NewDesign, NewGridPoint, NewSweep, NewWorker, PoolSettings, Progress, RetryPolicy,
-    Store, StoreError,
+    Lease, NewDesign, NewGridPoint, NewSweep, NewTask, NewWorker, PoolSettings, Progress,
+    RetryPolicy, Store, StoreError,
 };
 use sqlx::Connection;
 use uuid::Uuid;
@@ -69,6 +69,8 @@ conformance!(
     export_lists_each_result_of_a_sweep,
     unknown_ids_are_not_found,
     concurrent_workers_never_share_a_trial,
+    downstream_trials_follow_their_training_trials,
+    a_stored_design_is_read_back_by_id,
 );
 
 /// A database that exists for one test.
@@ -225,7 +227,20 @@ fn sweep(points: &[(f64, Option<&NewDesign>)], seeds: &[i64]) -> NewSweep {
             .zip(points)
             .map(|(index, (rho, design))| point(index, *rho, *design))
             .collect(),
+        tasks: Vec::new(),
         designs,
+    }
+}
+
+/// A downstream task as `SweepSpec::tasks` makes them.
+fn task(index: i32, name: &str, kind: &str) -> NewTask {
+    NewTask {
+        index,
+        name: name.to_string(),
+        kind: kind.to_string(),
+        dataset: "idx:data/other".to_string(),
+        recipe_json: r#"{"epochs":1,"lr":0.01}"#.to_string(),
+        task_hash: format!("{kind}-hash"),
     }
 }
 
@@ -1080,6 +1095,24 @@ async fn leaderboard_aggregates_over_seeds_and_filters(store: &Store) {
         ..Default::default()
     };
     assert_eq!(store.leaderboard(&small).await.unwrap().len(), 1);
+    // FLOPs are params * 10 in these fixtures: a has 10,000, b 50,000.
+    let flops_budget = |max_flops: i64| LeaderboardFilter {
+        max_flops: Some(max_flops),
+        ..Default::default()
+    };
+    let best_within = store.leaderboard(&flops_budget(20_000)).await.unwrap();
+    assert_eq!(best_within.len(), 1);
+    assert_eq!(best_within[0].design_id, a.id);
+    let in_sweep = store
+        .leaderboard(&in_first(flops_budget(50_000)))
+        .await
+        .unwrap();
+    assert_eq!(in_sweep[0].design_id, b.id, "the budget is inclusive");
+    assert!(store
+        .leaderboard(&in_first(flops_budget(9_999)))
+        .await
+        .unwrap()
+        .is_empty());
     let other = LeaderboardFilter {
         dataset: Some("idx:data/other".into()),
         ..Default::default()
@@ -1291,4 +1324,243 @@ async fn concurrent_workers_never_share_a_trial(store: &Store) {
         board.iter().all(|row| row.seeds == 5),
         "every result counted once"
     );
+}
+
+async fn downstream_trials_follow_their_training_trials(store: &Store) {
+    let a = design("a", "basic", 1_000);
+    let first = NewSweep {
+        tasks: vec![task(0, "probe", "linear-probe")],
+        ..sweep(&[(0.3, Some(&a))], &[0, 1])
+    };
+    store.create_sweep(&first, at(0.0)).await.unwrap();
+    let worker = worker(store, at(0.0)).await;
+    let seed0 = claim(store, worker, at(1.0)).await;
+    let seed1 = claim(store, worker, at(1.0)).await;
+    for lease in [&seed0, &seed1] {
+        assert_eq!(lease.task, "train");
+        assert_eq!(lease.parent, None);
+        assert!(lease.upload_weights, "a sweep with tasks wants the weights");
+    }
+    assert!(store
+        .claim(worker, LEASE_MS, at(1.0))
+        .await
+        .unwrap()
+        .is_none());
+    // Weights transfers are fenced like reports.
+    let leased = store
+        .leased_trial(seed0.attempt, seed0.token, at(2.0))
+        .await
+        .unwrap();
+    assert_eq!((leased.trial, leased.task.as_str()), (seed0.trial, "train"));
+    assert!(matches!(
+        store
+            .leased_trial(seed0.attempt, LeaseToken::new(), at(2.0))
+            .await,
+        Err(StoreError::NotLeaseHolder { .. })
+    ));
+    assert!(matches!(
+        store
+            .leased_trial(seed0.attempt, seed0.token, at(1.0 + 11.0))
+            .await,
+        Err(StoreError::NotLeaseHolder { .. })
+    ));
+
+    // A recorded training result queues its downstream trial, starting from its weights.
+    assert_eq!(
+        complete(store, &seed0, 0.8, at(3.0)).await,
+        CompleteOutcome::Recorded
+    );
+    assert_eq!(
+        complete(store, &seed0, 0.8, at(3.5)).await,
+        CompleteOutcome::Duplicate
+    );
+    let probe0 = claim(store, worker, at(4.0)).await;
+    assert_eq!(probe0.task, "linear-probe");
+    assert_eq!(probe0.parent, Some(seed0.trial));
+    assert_eq!(probe0.design_id, a.id);
+    assert_eq!(probe0.dataset, "idx:data/other");
+    assert_eq!(probe0.seed, seed0.seed);
+    assert!(!probe0.upload_weights);
+    assert!(
+        store
+            .claim(worker, LEASE_MS, at(4.0))
+            .await
+            .unwrap()
+            .is_none(),
+        "queued once"
+    );
+    let leased = store
+        .leased_trial(probe0.attempt, probe0.token, at(4.5))
+        .await
+        .unwrap();
+    assert_eq!(leased.parent, Some(seed0.trial));
+    assert_eq!(leased.parent_result_attempt, Some(seed0.attempt));
+    assert_eq!(
+        complete(store, &probe0, 0.5, at(5.0)).await,
+        CompleteOutcome::Recorded
+    );
+
+    // The second seed's downstream trial fails; its training result stays.
+    assert_eq!(
+        complete(store, &seed1, 0.6, at(6.0)).await,
+        CompleteOutcome::Recorded
+    );
+    let probe1 = claim(store, worker, at(7.0)).await;
+    assert_eq!(probe1.parent, Some(seed1.trial));
+    let outcome = store
+        .fail(
+            probe1.attempt,
+            probe1.token,
+            FailureClass::Deterministic,
+            "bad data",
+            Some(1),
+            &POLICY,
+            at(8.0),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        FailOutcome::Stopped {
+            state: TrialState::Failed
+        }
+    );
+
+    let filter = LeaderboardFilter {
+        sweep: Some(first.id),
+        limit: 10,
+        ..LeaderboardFilter::default()
+    };
+    let board = store.leaderboard(&filter).await.unwrap();
+    assert_eq!(
+        board.len(),
+        1,
+        "downstream results are columns, not rows: {board:?}"
+    );
+    let row = &board[0];
+    assert_eq!(row.seeds, 2);
+    assert!((row.top1_mean - 0.7).abs() < 1e-12);
+    assert_eq!(row.downstream.len(), 1);
+    let probe = &row.downstream[0];
+    assert_eq!(
+        (probe.name.as_str(), probe.kind.as_str(), probe.seeds),
+        ("probe", "linear-probe", 1)
+    );
+    assert!((probe.top1_mean - 0.5).abs() < 1e-12);
+    // The cross-sweep board names tasks by kind and dataset.
+    let all = store
+        .leaderboard(&LeaderboardFilter {
+            limit: 10,
+            ..LeaderboardFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all[0].seeds, 2);
+    assert_eq!(all[0].downstream.len(), 1);
+    assert_eq!(all[0].downstream[0].name, "linear-probe:idx:data/other");
+    let exported = store.export_results(first.id).await.unwrap();
+    assert_eq!(exported.len(), 2, "the export lists training results only");
+    let records = store.downstream_results(first.id).await.unwrap();
+    let states: Vec<(i64, TrialState, Option<f64>)> =
+        records.iter().map(|r| (r.seed, r.state, r.top1)).collect();
+    let mut expected = vec![
+        (seed0.seed, TrialState::Succeeded, Some(0.5)),
+        (seed1.seed, TrialState::Failed, None),
+    ];
+    expected.sort_by_key(|(seed, _, _)| *seed);
+    assert_eq!(states, expected);
+    assert!(records
+        .iter()
+        .all(|r| r.name == "probe" && r.upstream_dataset == "idx:data/test"));
+    let summary = store.get_sweep(first.id).await.unwrap();
+    assert_eq!((summary.counts.succeeded, summary.counts.failed), (3, 1));
+    assert_eq!(summary.best_top1, Some(0.7));
+
+    // A later sweep with the same task reuses the training results and the downstream
+    // trials; one with another task queues that task for the reused results at once.
+    let second = NewSweep {
+        id: SweepId::new(),
+        tasks: vec![
+            task(0, "probe again", "linear-probe"),
+            task(1, "tune", "finetune"),
+        ],
+        ..sweep(&[(0.3, Some(&a))], &[0, 1])
+    };
+    let created = store.create_sweep(&second, at(10.0)).await.unwrap();
+    assert_eq!(created.reused_results, 2);
+    assert_eq!(
+        created.downstream_linked, 4,
+        "the two probes linked, two fine-tunes queued"
+    );
+    let reused = store.downstream_results(second.id).await.unwrap();
+    let mut trials: Vec<_> = reused
+        .iter()
+        .filter(|r| r.kind == "linear-probe")
+        .map(|r| r.trial)
+        .collect();
+    trials.sort();
+    let mut before: Vec<_> = records.iter().map(|r| r.trial).collect();
+    before.sort();
+    assert_eq!(
+        trials, before,
+        "the same downstream trials, under this sweep's name"
+    );
+    assert!(reused
+        .iter()
+        .filter(|r| r.kind == "linear-probe")
+        .all(|r| r.name == "probe again"));
+    let mut tunes = Vec::new();
+    while let Some(lease) = store.claim(worker, LEASE_MS, at(11.0)).await.unwrap() {
+        assert_eq!(lease.task, "finetune");
+        tunes.push(lease.parent.unwrap());
+    }
+    tunes.sort();
+    let mut parents = vec![seed0.trial, seed1.trial];
+    parents.sort();
+    assert_eq!(tunes, parents, "one finetune per reused training result");
+    // A sweep without tasks sees no downstream columns and uploads no weights.
+    let plain = NewSweep {
+        id: SweepId::new(),
+        ..sweep(&[(0.3, Some(&a))], &[2])
+    };
+    store.create_sweep(&plain, at(12.0)).await.unwrap();
+    let lease = claim(store, worker, at(13.0)).await;
+    assert_eq!(
+        (lease.task.as_str(), lease.upload_weights),
+        ("train", false)
+    );
+    complete(store, &lease, 0.9, at(14.0)).await;
+    assert!(store
+        .claim(worker, LEASE_MS, at(15.0))
+        .await
+        .unwrap()
+        .is_none());
+    let board = store
+        .leaderboard(&LeaderboardFilter {
+            sweep: Some(plain.id),
+            limit: 10,
+            ..LeaderboardFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(board[0].downstream.is_empty());
+    assert!(store.downstream_results(plain.id).await.unwrap().is_empty());
+}
+
+/// The dashboard's design page reads a design back exactly as written: the architecture JSON
+/// byte for byte (its hash is the design's id), every number; an unknown id is not found.
+async fn a_stored_design_is_read_back_by_id(store: &Store) {
+    let mut stored = design("c", "mbconv", 3_000);
+    stored.architecture_json = r#"{"resolution":32,"stages":[{"out":8}],"head":1280}"#.into();
+    stored.penalty = 0.25;
+    store
+        .create_sweep(&sweep(&[(0.3, Some(&stored))], &[0]), at(0.0))
+        .await
+        .unwrap();
+    assert_eq!(store.get_design(&stored.id).await.unwrap(), stored);
+    let unknown = DesignId("f".repeat(64));
+    match store.get_design(&unknown).await.unwrap_err() {
+        StoreError::NotFound { what, id } => assert_eq!((what, id), ("design", unknown.0)),
+        other => panic!("expected not found, got {other:?}"),
+    }
 }

@@ -21,5 +21,7 @@ pub mod v1 {
         include_bytes!(concat!(env!("OUT_DIR"), "/deepmad_v1_descriptor.bin"));
 }
 
-/// The version of the worker protocol (`WorkService`) this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The version of the worker protocol (`WorkService`) this build speaks. Version 2 added
+/// downstream evaluations (`Assignment.task`, weights transfer): a version-1 worker would
+/// train a downstream trial from scratch, so it is refused at registration.
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -82,7 +82,8 @@ pub fn save(
     write_atomically(path, &bytes)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WorkerError> {
+/// Writes `bytes` to `path.tmp`, syncs, and renames it over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WorkerError> {
     if let Some(parent) = path
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
@@ -186,6 +187,40 @@ impl LoadedCheckpoint {
                     .set_momentum_buffer(name, tensor.clone())
                     .map_err(|reason| self.failed(reason))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Copies the stored backbone weights and BatchNorm statistics into `model`: every
+    /// variable but the classifier's, which a downstream task trains afresh for its classes.
+    /// The checkpoint must belong to `design_hash` (the design the backbone was trained as).
+    pub fn restore_backbone(&self, model: &Model, design_hash: &str) -> Result<(), WorkerError> {
+        if self.identity.design_hash != design_hash {
+            return Err(WorkerError::Weights {
+                reason: format!(
+                    "{} holds design {}, the task's backbone is {design_hash}",
+                    self.path.display(),
+                    self.identity.design_hash
+                ),
+            });
+        }
+        for named in model.named_vars() {
+            if named.name.starts_with("classifier.") {
+                continue;
+            }
+            let key = format!("model.{}", named.name);
+            let tensor = self
+                .tensors
+                .get(&key)
+                .ok_or_else(|| self.failed(format!("has no tensor {key}")))?;
+            if tensor.dims() != named.var.dims() {
+                return Err(self.failed(format!(
+                    "{key} has shape {:?}, the model {:?}",
+                    tensor.dims(),
+                    named.var.dims()
+                )));
+            }
+            named.var.set(tensor)?;
         }
         Ok(())
     }

@@ -74,6 +74,10 @@ pub enum WorkerError {
     /// The coordinator could not be reached, or refused the worker.
     #[error("coordinator: {reason}")]
     Coordinator { reason: String },
+
+    /// A downstream evaluation's starting weights do not exist or do not fit its design.
+    #[error("pretrained weights: {reason}")]
+    Weights { reason: String },
 }
 
 impl WorkerError {
@@ -87,6 +91,7 @@ impl WorkerError {
             | WorkerError::MalformedData { .. }
             | WorkerError::Incompatible { .. }
             | WorkerError::Diverged { .. }
+            | WorkerError::Weights { .. }
             | WorkerError::Loader { .. } => FailureClass::Deterministic,
             // A missing dataset or an unreadable checkpoint is a property of this machine:
             // another worker may have the file, and a fresh attempt starts without the checkpoint.

@@ -186,8 +186,10 @@ fn role_of(name: &str, var: &Var) -> VarRole {
     }
 }
 
-impl ModuleT for Model {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+impl Model {
+    /// Returns the backbone's features: the globally pooled output of the last stage (or of
+    /// the head conv), `(batch, final_channels)`, the classifier's input.
+    pub fn features_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let activation = self.network.activation;
         let mut ys = activate(&self.stem.forward_t(xs, train)?, activation)?;
         if self.network.stem.max_pool {
@@ -199,8 +201,18 @@ impl ModuleT for Model {
         if let Some(head) = &self.head {
             ys = activate(&head.forward_t(&ys, train)?, activation)?;
         }
-        let pooled = ys.mean((2, 3))?;
-        candle_core::Module::forward(&self.classifier, &pooled)
+        ys.mean((2, 3))
+    }
+
+    /// Applies the classifier to [`Model::features_t`]'s features.
+    pub fn classify(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        candle_core::Module::forward(&self.classifier, features)
+    }
+}
+
+impl ModuleT for Model {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.classify(&self.features_t(xs, train)?)
     }
 }
 

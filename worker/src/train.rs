@@ -46,6 +46,20 @@ pub struct TrainerOptions {
     pub checkpoint_every_steps: Option<u64>,
     /// Batches the loader thread may prepare ahead of the model.
     pub prefetch_depth: usize,
+    /// Start from trained weights (a downstream evaluation) instead of from scratch.
+    pub pretrained: Option<Pretrained>,
+}
+
+/// A downstream evaluation's start: a trained backbone, and whether it stays frozen.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pretrained {
+    /// The training trial's final checkpoint.
+    pub checkpoint: PathBuf,
+    /// The design the backbone was trained as (its classifier had that design's classes).
+    pub design_hash: String,
+    /// Linear probe: only the new classifier trains; the backbone runs in evaluation mode
+    /// (BatchNorm uses its trained statistics) and gets no gradients.
+    pub freeze_backbone: bool,
 }
 
 impl TrainerOptions {
@@ -56,6 +70,7 @@ impl TrainerOptions {
             checkpoint: None,
             checkpoint_every_steps: None,
             prefetch_depth: 4,
+            pretrained: None,
         }
     }
 }
@@ -125,7 +140,20 @@ impl Trainer {
             nesterov: recipe.nesterov,
             weight_decay: recipe.weight_decay,
         };
-        let optimizer = Sgd::new(model.named_vars(), config)?;
+        if let Some(pretrained) = &options.pretrained {
+            checkpoint::load(&pretrained.checkpoint, &options.device)?
+                .restore_backbone(&model, &pretrained.design_hash)?;
+        }
+        let frozen = options
+            .pretrained
+            .as_ref()
+            .is_some_and(|pretrained| pretrained.freeze_backbone);
+        let trained_vars = model
+            .named_vars()
+            .into_iter()
+            .filter(|named| !frozen || named.name.starts_with("classifier."))
+            .collect();
+        let optimizer = Sgd::new(trained_vars, config)?;
         let schedule = CosineSchedule::from_epochs(
             recipe.lr,
             recipe.min_lr,
@@ -284,7 +312,12 @@ impl Trainer {
     fn train_step(&mut self, batch: Batch) -> Result<(f64, f64), WorkerError> {
         let (xs, targets) = self.batch_tensors(&batch)?;
         let lr = self.schedule.lr(self.state.position.global_step);
-        let logits = self.model.forward_t(&xs, true)?;
+        let logits = if self.frozen_backbone() {
+            let features = self.model.features_t(&xs, false)?.detach();
+            self.model.classify(&features)?
+        } else {
+            self.model.forward_t(&xs, true)?
+        };
         let loss = soft_cross_entropy(&logits, &targets)?;
         let loss_value = loss.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
@@ -307,6 +340,13 @@ impl Trainer {
         position.batch += 1;
         position.global_step += 1;
         Ok((lr, f64::from(loss_value)))
+    }
+
+    fn frozen_backbone(&self) -> bool {
+        self.options
+            .pretrained
+            .as_ref()
+            .is_some_and(|pretrained| pretrained.freeze_backbone)
     }
 
     fn batch_tensors(&self, batch: &Batch) -> Result<(Tensor, Tensor), WorkerError> {

@@ -39,6 +39,10 @@ pub async fn run(
             "tls {}",
             if settings.tls.is_some() { "on" } else { "off" }
         )?;
+        match settings.dashboard_listen {
+            Some(address) => writeln!(out, "dashboard {address}")?,
+            None => writeln!(out, "dashboard off")?,
+        }
         return Ok(());
     }
     let bind_failure = |address: std::net::SocketAddr, error: std::io::Error| Failure {
@@ -56,6 +60,14 @@ pub async fn run(
         ),
         None => None,
     };
+    let dashboard_listener = match settings.dashboard_listen {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .map_err(|e| bind_failure(address, e))?,
+        ),
+        None => None,
+    };
     let internal = |error: deepmad_coordinator::error::Error| Failure {
         code: 1,
         message: error.to_string(),
@@ -63,7 +75,12 @@ pub async fn run(
     let coordinator = app::open(&settings, shutdown.clone())
         .await
         .map_err(internal)?;
-    app::run(&settings, coordinator, listener, metrics_listener, shutdown)
+    let listeners = app::Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+        dashboard: dashboard_listener,
+    };
+    app::run_all(&settings, coordinator, listeners, shutdown)
         .await
         .map_err(internal)
 }

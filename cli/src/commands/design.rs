@@ -88,9 +88,14 @@ pub fn solution_json(problem: &Problem, solution: &Solution, solve_ms: f64) -> s
 
 /// Writes `text` to a temporary file beside `path`, then renames it: never half-written.
 pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<(), Failure> {
+    write_bytes_atomically(path, text.as_bytes())
+}
+
+/// Writes `bytes` like [`write_atomically`].
+pub(crate) fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
     let fail =
         |error: std::io::Error| Failure::usage(format!("cannot write {}: {error}", path.display()));
     let temporary = path.with_extension("tmp-deepmad");
-    std::fs::write(&temporary, text).map_err(fail)?;
+    std::fs::write(&temporary, bytes).map_err(fail)?;
     std::fs::rename(&temporary, path).map_err(fail)
 }

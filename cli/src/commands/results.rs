@@ -23,6 +23,7 @@ pub async fn leaderboard(args: &LeaderboardArgs, out: &mut impl Write) -> Result
         family,
         min_params: super::parse_budget("min-params", args.min_params.as_ref())?,
         max_params: super::parse_budget("max-params", args.max_params.as_ref())?,
+        max_flops: super::parse_budget("max-flops", args.max_flops.as_ref())?,
         limit: args.limit,
     };
     let remote = Remote::connect(&args.remote).await?;
@@ -44,11 +45,26 @@ pub async fn leaderboard(args: &LeaderboardArgs, out: &mut impl Write) -> Result
             )?;
         }
         TableFormat::Csv => {
-            writeln!(out, "design_id,family,dataset,recipe_hash,params,flops,layers,effectiveness,entropy,rho,seeds,top1_mean,top1_std,top5_mean")?;
+            let tasks = render::downstream_names(&rows);
+            let task_columns: String = tasks
+                .iter()
+                .map(|name| format!(",{}", csv_field(&format!("{name}_top1_mean"))))
+                .collect();
+            writeln!(out, "design_id,family,dataset,recipe_hash,params,flops,layers,effectiveness,entropy,rho,seeds,top1_mean,top1_std,top5_mean{task_columns}")?;
             for row in &rows {
+                let task_values: String = tasks
+                    .iter()
+                    .map(|name| {
+                        let value = row.downstream.iter().find(|score| &score.name == name);
+                        format!(
+                            ",{}",
+                            value.map_or(String::new(), |s| s.top1_mean.to_string())
+                        )
+                    })
+                    .collect();
                 writeln!(
                     out,
-                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{}{task_values}",
                     row.design_id,
                     family_name(row.family),
                     csv_field(&row.dataset),
@@ -76,6 +92,11 @@ fn leaderboard_json(row: &v1::LeaderboardRow) -> serde_json::Value {
         "recipe_hash": row.recipe_hash, "params": row.params, "flops": row.flops, "layers": row.layers,
         "effectiveness": row.effectiveness, "entropy": row.entropy, "rho": row.rho, "seeds": row.seeds,
         "top1_mean": row.top1_mean, "top1_std": row.top1_std, "top5_mean": row.top5_mean,
+        "downstream": row.downstream.iter().map(|score| serde_json::json!({
+            "name": score.name, "task": score.task, "dataset": score.dataset,
+            "seeds": score.seeds, "top1_mean": score.top1_mean, "top1_std": score.top1_std,
+            "top5_mean": score.top5_mean,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -106,6 +127,9 @@ pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Fai
         .collect::<Result<Vec<_>, _>>()
         .map_err(Failure::usage)?;
     let remote = Remote::connect(&args.remote).await?;
+    if args.downstream {
+        return downstream(&remote, &args.sweep, args.format, out).await;
+    }
     let rows: Vec<v1::ResultRow> = export_rows(&remote, &args.sweep)
         .await?
         .into_iter()
@@ -153,11 +177,85 @@ pub async fn results(args: &ResultsArgs, out: &mut impl Write) -> Result<(), Fai
     Ok(())
 }
 
+/// `deepmad results --downstream`: the sweep's downstream trials, CSV or JSON.
+async fn downstream(
+    remote: &Remote,
+    sweep: &str,
+    format: TableFormat,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    let rows: Vec<v1::DownstreamRow> = export(remote, sweep).await?.1;
+    let state = |row: &v1::DownstreamRow| {
+        v1::TrialState::try_from(row.state).map_or_else(
+            |_| "-".to_string(),
+            |state| {
+                state
+                    .as_str_name()
+                    .trim_start_matches("TRIAL_STATE_")
+                    .to_ascii_lowercase()
+            },
+        )
+    };
+    let number = |value: Option<f64>| value.map_or(String::new(), |v| v.to_string());
+    match format {
+        TableFormat::Json => {
+            let values: Vec<_> = rows
+                .iter()
+                .map(|row| {
+                    serde_json::json!({
+                        "trial_id": row.trial_id, "parent_trial_id": row.parent_trial_id,
+                        "design_id": row.design_id, "seed": row.seed, "name": row.name,
+                        "task": row.task, "dataset": row.dataset, "state": state(row),
+                        "top1": row.top1, "top5": row.top5, "test_loss": row.test_loss,
+                        "epochs": row.epochs, "upstream_dataset": row.upstream_dataset,
+                        "upstream_recipe_hash": row.upstream_recipe_hash,
+                    })
+                })
+                .collect();
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&values).expect("JSON serializes")
+            )?;
+        }
+        TableFormat::Csv | TableFormat::Table => {
+            writeln!(out, "trial_id,parent_trial_id,design_id,seed,name,task,dataset,state,top1,top5,test_loss,epochs")?;
+            for row in &rows {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{},{},{},{},{}",
+                    row.trial_id,
+                    row.parent_trial_id,
+                    row.design_id,
+                    row.seed,
+                    csv_field(&row.name),
+                    row.task,
+                    csv_field(&row.dataset),
+                    state(row),
+                    number(row.top1),
+                    number(row.top5),
+                    number(row.test_loss),
+                    row.epochs.map_or(String::new(), |e| e.to_string()),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Every result row of a sweep, from the streaming export.
 pub(crate) async fn export_rows(
     remote: &Remote,
     sweep: &str,
 ) -> Result<Vec<v1::ResultRow>, Failure> {
+    Ok(export(remote, sweep).await?.0)
+}
+
+/// A sweep's whole export: training results and downstream trials.
+async fn export(
+    remote: &Remote,
+    sweep: &str,
+) -> Result<(Vec<v1::ResultRow>, Vec<v1::DownstreamRow>), Failure> {
     let request = v1::ExportResultsRequest {
         sweep_id: sweep.to_string(),
     };
@@ -167,11 +265,12 @@ pub(crate) async fn export_rows(
         .await
         .map_err(status_failure)?
         .into_inner();
-    let mut rows = Vec::new();
+    let (mut rows, mut downstream) = (Vec::new(), Vec::new());
     while let Some(chunk) = stream.message().await.map_err(status_failure)? {
         rows.extend(chunk.rows);
+        downstream.extend(chunk.downstream);
     }
-    Ok(rows)
+    Ok((rows, downstream))
 }
 
 /// `deepmad analytics --sweep ID`: accuracy against rho, Pareto fronts and Kendall's tau of

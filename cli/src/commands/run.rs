@@ -6,7 +6,8 @@
 //! from the same file (finished trials are kept, unfinished ones run again from their
 //! checkpoints), shows a bar per worker and one for the sweep, and prints the leaderboard.
 //! Ctrl-C stops the workers at their next batch (checkpoint kept), stops the coordinator and
-//! exits with status 130; the same command resumes.
+//! exits with status 130; the same command resumes. With `--dashboard ADDR` the coordinator
+//! also serves the web dashboard there while the run lasts.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -44,6 +45,9 @@ const EMBEDDED_DEFAULTS: [(&str, &str); 6] = [
     ("DEEPMAD__RETRY__BACKOFF_MAX_MS", "5000"),
 ];
 
+/// The environment variable of the dashboard's address, which `--dashboard` sets.
+const DASHBOARD_ENV: &str = "DEEPMAD__DASHBOARD__LISTEN";
+
 /// How often the progress display refreshes.
 const REFRESH: Duration = Duration::from_millis(250);
 
@@ -64,7 +68,11 @@ pub async fn run(
     let settings = embedded_settings(args)?;
 
     let server_stop = CancellationToken::new();
-    let (coordinator, address, server) = start_coordinator(&settings, &server_stop).await?;
+    let (coordinator, address, dashboard, server) =
+        start_coordinator(&settings, &server_stop).await?;
+    if let Some(dashboard) = dashboard {
+        writeln!(out, "dashboard: http://{dashboard}/")?;
+    }
     let outcome = drive(args, out, &spec, &devices, &coordinator, address, &shutdown).await;
     server_stop.cancel();
     let served = server.await;
@@ -158,6 +166,7 @@ async fn drive(
         block: None,
         min_params: None,
         max_params: None,
+        max_flops: None,
         limit: args.limit,
         format: args.format,
         remote: remote_args,
@@ -397,23 +406,54 @@ fn embedded_settings(args: &RunArgs) -> Result<Validated, Failure> {
             env.push((key.to_string(), value.to_string()));
         }
     }
+    if let Some(address) = &args.dashboard {
+        address.trim().parse::<SocketAddr>().map_err(|_| {
+            Failure::usage(format!(
+                "--dashboard {address:?}: expected IP:PORT such as 127.0.0.1:8080"
+            ))
+        })?;
+        // The flag wins over the environment, like every flag.
+        env.retain(|(key, _)| !key.eq_ignore_ascii_case(DASHBOARD_ENV));
+        env.push((DASHBOARD_ENV.to_string(), address.clone()));
+    }
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".to_string()),
         database_url: Some(args.database.clone()),
     };
-    settings::load(None, env, &overrides).map_err(|error| Failure::usage(error.to_string()))
+    let weights_set = env
+        .iter()
+        .any(|(key, _)| key.eq_ignore_ascii_case("DEEPMAD__STORAGE__WEIGHTS_DIR"));
+    let mut validated =
+        settings::load(None, env, &overrides).map_err(|error| Failure::usage(error.to_string()))?;
+    if !weights_set {
+        // Uploaded weights live with the run's other files, not in the current directory.
+        validated.weights_dir = args.work_dir.join("uploads");
+    }
+    Ok(validated)
 }
 
 type Served = JoinHandle<Result<(), deepmad_coordinator::error::Error>>;
 
+/// Starts the embedded coordinator: returns it, its gRPC address, the dashboard's address
+/// (when `--dashboard` asked for one) and the serving task.
 async fn start_coordinator(
     settings: &Validated,
     stop: &CancellationToken,
-) -> Result<(Arc<Coordinator>, SocketAddr, Served), Failure> {
+) -> Result<(Arc<Coordinator>, SocketAddr, Option<SocketAddr>, Served), Failure> {
     let listener = TcpListener::bind(settings.listen)
         .await
         .map_err(|error| internal(format!("cannot listen on {}: {error}", settings.listen)))?;
     let address = listener.local_addr()?;
+    let dashboard = match settings.dashboard_listen {
+        Some(wanted) => Some(TcpListener::bind(wanted).await.map_err(|error| {
+            internal(format!("cannot serve the dashboard on {wanted}: {error}"))
+        })?),
+        None => None,
+    };
+    let dashboard_address = match &dashboard {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
     let coordinator = app::open(settings, stop.clone())
         .await
         .map_err(|error| Failure {
@@ -423,9 +463,14 @@ async fn start_coordinator(
     let serving = coordinator.clone();
     let settings = settings.clone();
     let stop = stop.clone();
+    let listeners = app::Listeners {
+        grpc: listener,
+        metrics: None,
+        dashboard,
+    };
     let server =
-        tokio::spawn(async move { app::run(&settings, serving, listener, None, stop).await });
-    Ok((coordinator, address, server))
+        tokio::spawn(async move { app::run_all(&settings, serving, listeners, stop).await });
+    Ok((coordinator, address, dashboard_address, server))
 }
 
 fn internal(error: impl std::fmt::Display) -> Failure {

@@ -78,3 +78,38 @@ pub fn sweep_toml(data: &Path, shape: &SweepShape<'_>) -> String {
         eval_batch = shape.eval_batch_size,
     )
 }
+
+/// Writes a second task in IDX format to `folder`: 8x8 grayscale images of 2 classes, the
+/// left or the right half bright (a downstream dataset with its own classes).
+pub fn write_halves_dataset(folder: &Path, train: u32, test: u32) {
+    std::fs::create_dir_all(folder).expect("creating the dataset folder");
+    let side = 8u32;
+    let idx = |dims: &[u32], data: &[u8]| {
+        let mut bytes = vec![0, 0, 0x08, dims.len() as u8];
+        for dim in dims {
+            bytes.extend_from_slice(&dim.to_be_bytes());
+        }
+        bytes.extend_from_slice(data);
+        bytes
+    };
+    for (prefix, count) in [("train", train), ("t10k", test)] {
+        let mut images = Vec::new();
+        let mut labels = Vec::new();
+        for index in 0..count {
+            let class = (index % 2) as u8;
+            labels.push(class);
+            for _row in 0..side {
+                for column in 0..side {
+                    let bright = (column < side / 2) == (class == 0);
+                    images.push(if bright { 240 } else { (index * 11 % 50) as u8 });
+                }
+            }
+        }
+        let images = idx(&[count, side, side], &images);
+        let labels = idx(&[count], &labels);
+        std::fs::write(folder.join(format!("{prefix}-images-idx3-ubyte")), images)
+            .expect("writing images");
+        std::fs::write(folder.join(format!("{prefix}-labels-idx1-ubyte")), labels)
+            .expect("writing labels");
+    }
+}

@@ -107,6 +107,7 @@ impl Cluster {
             .tempdir()
             .expect("a temp dir");
         let port = free_port();
+        let weights_dir = dir.path().join("deepmad-weights").display().to_string();
         Cluster {
             dir,
             database_url: database_url.to_string(),
@@ -115,6 +116,7 @@ impl Cluster {
                 .iter()
                 .chain(settings)
                 .map(|(key, value)| (key.to_string(), value.to_string()))
+                .chain([("DEEPMAD__STORAGE__WEIGHTS_DIR".to_string(), weights_dir)])
                 .collect(),
             client_token: None,
             worker_token: None,

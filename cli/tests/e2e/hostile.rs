@@ -189,7 +189,7 @@ fn spec() -> v1::SweepSpec {
         recipe_json: r#"{"epochs": 1}"#.into(),
         dataset: "idx:data".into(),
         seeds: vec![0],
-        downstream_tasks: vec![],
+        downstream: vec![],
         max_attempts: 0,
     }
 }

@@ -6,7 +6,7 @@ use deepmad_proto::convert::{family_from_proto, objective_from_proto};
 use deepmad_proto::v1;
 
 use crate::error::Error;
-use crate::sweep::{BudgetSpec, GridSpec, SweepSpec};
+use crate::sweep::{BudgetSpec, DownstreamSpec, GridSpec, SweepSpec, TaskKind};
 
 fn invalid(field: &str, reason: &str) -> Error {
     Error::InvalidArgument {
@@ -61,7 +61,12 @@ pub fn sweep_spec_from_proto(wire: v1::SweepSpec) -> Result<SweepSpec, Error> {
             strides: grid.stage_strides,
         },
         recipe,
-        downstream: wire.downstream_tasks,
+        downstream: wire
+            .downstream
+            .into_iter()
+            .enumerate()
+            .map(|(index, task)| downstream_from_proto(index, task))
+            .collect::<Result<Vec<_>, _>>()?,
         max_attempts: (wire.max_attempts > 0).then_some(wire.max_attempts),
     })
 }
@@ -111,7 +116,38 @@ pub fn sweep_spec_to_proto(spec: &SweepSpec) -> Result<v1::SweepSpec, Error> {
         recipe_json: spec.recipe.to_string(),
         dataset: spec.dataset.clone(),
         seeds: spec.seeds.iter().map(|s| *s as i64).collect(),
-        downstream_tasks: spec.downstream.clone(),
+        downstream: spec
+            .downstream
+            .iter()
+            .map(|task| v1::DownstreamTask {
+                name: task.name.clone().unwrap_or_default(),
+                task: task.task.name().to_string(),
+                dataset: task.dataset.clone(),
+                recipe_json: task.recipe.to_string(),
+            })
+            .collect(),
         max_attempts: spec.max_attempts.unwrap_or(0),
+    })
+}
+
+fn downstream_from_proto(index: usize, wire: v1::DownstreamTask) -> Result<DownstreamSpec, Error> {
+    let field = |key: &str| format!("spec.downstream[{index}].{key}");
+    let task = TaskKind::parse(&wire.task).ok_or_else(|| {
+        invalid(
+            &field("task"),
+            &format!("must be linear-probe or finetune, got {:?}", wire.task),
+        )
+    })?;
+    let recipe = if wire.recipe_json.trim().is_empty() {
+        serde_json::Value::Object(serde_json::Map::new())
+    } else {
+        serde_json::from_str(&wire.recipe_json)
+            .map_err(|e| invalid(&field("recipe_json"), &format!("is not JSON: {e}")))?
+    };
+    Ok(DownstreamSpec {
+        name: (!wire.name.is_empty()).then_some(wire.name),
+        task,
+        dataset: wire.dataset,
+        recipe,
     })
 }

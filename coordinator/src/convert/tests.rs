@@ -141,8 +141,14 @@ fn leases_become_assignments() {
         dataset: "idx:data/mnist-subset".into(),
         seed: 7,
         expires_at: some_time(),
+        task: "finetune".into(),
+        parent: Some(TrialId::new()),
+        upload_weights: false,
     };
     let wire = v1::Assignment::from(&lease);
+    assert_eq!(wire.task, "finetune");
+    assert_eq!(wire.parent_trial_id, lease.parent.map(|p| p.to_string()));
+    assert!(!wire.upload_weights);
     assert_eq!(wire.attempt_id, lease.attempt.to_string());
     assert_eq!(wire.lease_token, lease.token.to_string());
     assert_eq!(
@@ -237,8 +243,10 @@ fn leaderboard_requests_become_filters() {
         min_params: Some(1_000),
         max_params: Some(2_000),
         limit: 0,
+        max_flops: Some(3_000_000),
     };
     let filter = leaderboard_filter_from_proto(&request, 20, 500).unwrap();
+    assert_eq!(filter.max_flops, Some(3_000_000));
     assert_eq!(filter.sweep, Some(sweep));
     assert_eq!(filter.dataset, None);
     assert_eq!(filter.family.as_deref(), Some("mbconv-se"));

@@ -54,13 +54,22 @@ impl v1::result_service_server::ResultService for ResultHandler {
     ) -> Result<Response<Self::ExportResultsStream>, Status> {
         let sweep: SweepId = parse_id(&request.get_ref().sweep_id, "sweep_id")?;
         let rows = self.coordinator.export_results(sweep).await?;
+        let downstream = self.coordinator.downstream_results(sweep).await?;
+        // Training results first, then downstream trials, 500 rows a message.
         let chunks: Vec<Result<v1::ExportResultsResponse, Status>> = rows
             .chunks(500)
             .map(|chunk| {
                 Ok(v1::ExportResultsResponse {
                     rows: chunk.iter().map(v1::ResultRow::from).collect(),
+                    downstream: Vec::new(),
                 })
             })
+            .chain(downstream.chunks(500).map(|chunk| {
+                Ok(v1::ExportResultsResponse {
+                    rows: Vec::new(),
+                    downstream: chunk.iter().map(v1::DownstreamRow::from).collect(),
+                })
+            }))
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }

@@ -1,9 +1,12 @@
 //! `WorkService`: the pull-based, leased, fenced work protocol for workers.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use deepmad_proto::v1;
-use tonic::{Request, Response, Status};
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::io::ReaderStream;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{
     epochs_from_proto, final_metrics_from_proto, parse_id, progress_from_proto,
@@ -12,12 +15,16 @@ use crate::convert::{
 use crate::error::Error;
 use crate::model::{AttemptId, LeaseToken, WorkerId};
 use crate::service::Coordinator;
+use crate::weights::file_digest;
 
 /// How long a worker that got no work should wait before asking again.
 const IDLE_RETRY_MS: u64 = 1_000;
 
 /// Longest failure message kept (characters).
 const MAX_FAILURE_MESSAGE: usize = 4_000;
+
+/// Size of the chunks `FetchWeights` streams (well under the default message limit).
+const WEIGHTS_CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Debug)]
 pub struct WorkHandler {
@@ -39,6 +46,75 @@ fn lease_ids(attempt: &str, token: &str) -> Result<(AttemptId, LeaseToken), Erro
 
 #[tonic::async_trait]
 impl v1::work_service_server::WorkService for WorkHandler {
+    type FetchWeightsStream =
+        Pin<Box<dyn Stream<Item = Result<v1::WeightsChunk, Status>> + Send + 'static>>;
+
+    async fn upload_weights(
+        &self,
+        request: Request<Streaming<v1::WeightsChunk>>,
+    ) -> Result<Response<v1::UploadWeightsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the upload has no chunks"))?;
+        let (attempt, token) = lease_ids(&first.attempt_id, &first.lease_token)?;
+        self.coordinator.authorize_upload(attempt, token).await?;
+        let mut upload = self
+            .coordinator
+            .weights
+            .begin(attempt, first.total_bytes, &first.sha256)
+            .await?;
+        let mut chunk = Some(first);
+        while let Some(current) = chunk {
+            if let Err(error) = upload.write(&current.data).await {
+                upload.abort().await;
+                return Err(error.into());
+            }
+            chunk = match stream.message().await {
+                Ok(next) => next,
+                Err(status) => {
+                    upload.abort().await;
+                    return Err(status);
+                }
+            };
+        }
+        let bytes = upload.finish().await?;
+        tracing::info!(%attempt, bytes, "weights uploaded");
+        Ok(Response::new(v1::UploadWeightsResponse { bytes }))
+    }
+
+    async fn fetch_weights(
+        &self,
+        request: Request<v1::FetchWeightsRequest>,
+    ) -> Result<Response<Self::FetchWeightsStream>, Status> {
+        let wire = request.get_ref();
+        let (attempt, token) = lease_ids(&wire.attempt_id, &wire.lease_token)?;
+        let path = self.coordinator.weights_for(attempt, token).await?;
+        let (sha256, total_bytes) = file_digest(&path).await?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|error| Status::internal(format!("cannot open the weights: {error}")))?;
+        let mut first = true;
+        let chunks = ReaderStream::with_capacity(file, WEIGHTS_CHUNK_BYTES).map(move |data| {
+            let data =
+                data.map_err(|error| Status::internal(format!("reading weights: {error}")))?;
+            let header = std::mem::take(&mut first);
+            Ok(v1::WeightsChunk {
+                attempt_id: String::new(),
+                lease_token: String::new(),
+                total_bytes: if header { total_bytes } else { 0 },
+                sha256: if header {
+                    sha256.clone()
+                } else {
+                    String::new()
+                },
+                data: data.to_vec(),
+            })
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
     async fn register(
         &self,
         request: Request<v1::RegisterRequest>,

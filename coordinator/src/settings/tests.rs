@@ -267,3 +267,33 @@ fn only_prefixed_variables_are_ours() {
     assert!(!is_ours("DEEPMAD_LOG"));
     assert!(!is_ours("HOME"));
 }
+
+#[test]
+fn the_dashboard_is_off_unless_its_address_is_set() {
+    assert_eq!(load_env(&[]).unwrap().dashboard_listen, None);
+    let validated = load_env(&[("DEEPMAD__DASHBOARD__LISTEN", "127.0.0.1:8080")]).unwrap();
+    assert_eq!(
+        validated.dashboard_listen,
+        Some("127.0.0.1:8080".parse().unwrap())
+    );
+    let error = load_env(&[("DEEPMAD__DASHBOARD__LISTEN", "8080")]).unwrap_err();
+    assert_eq!(key_of(error), "dashboard.listen");
+}
+
+#[test]
+fn without_tokens_the_dashboard_stays_on_loopback() {
+    let mut settings = Settings::default();
+    settings.dashboard.listen = Some("0.0.0.0:8080".into());
+    let error = settings.validate().unwrap_err();
+    assert!(error.to_string().contains("auth is off"), "{error}");
+    assert_eq!(key_of(error), "dashboard.listen");
+
+    let mut settings = with_tokens();
+    settings.listen = "0.0.0.0:50051".into();
+    settings.dashboard.listen = Some("0.0.0.0:8080".into());
+    let validated = settings.validate().unwrap();
+    assert_eq!(
+        validated.dashboard_listen,
+        Some("0.0.0.0:8080".parse().unwrap())
+    );
+}

@@ -3,8 +3,8 @@
 
 use super::rules::{shown_sweep_state, SweepPlan};
 use super::types::{
-    AttemptRecord, EpochMetrics, FinalMetrics, LeaderboardRow, SweepCreated, SweepSummary,
-    TrialCounts, TrialHistory,
+    AttemptRecord, DownstreamRecord, DownstreamScore, EpochMetrics, FinalMetrics, LeaderboardRow,
+    SweepCreated, SweepSummary, TrialCounts, TrialHistory,
 };
 use super::StoreError;
 use crate::model::{
@@ -79,6 +79,7 @@ pub(crate) fn created(plan: &SweepPlan, linked: &[LinkedTrial]) -> SweepCreated 
         new_trials: count(&|t| t.new) as u32,
         reused_results: count(&|t| !t.new && t.state == TrialState::Succeeded) as u32,
         shared_trials: count(&|t| !t.new && t.state != TrialState::Succeeded) as u32,
+        downstream_linked: 0,
     }
 }
 
@@ -125,6 +126,64 @@ pub(crate) fn leaderboard_row(design: DesignColumns, scores: Scores) -> Leaderbo
         // Rounding can leave a zero variance a hair below zero.
         top1_std: scores.top1_variance.max(0.0).sqrt(),
         top5_mean: scores.top5_mean,
+        downstream: Vec::new(),
+    }
+}
+
+/// Attaches to each leaderboard row the downstream results of its design's backbones trained
+/// on the row's dataset and recipe: mean and population standard deviation over the seeds
+/// with a result, per task (in the order the records first name the tasks).
+pub(crate) fn attach_downstream(rows: &mut [LeaderboardRow], records: &[DownstreamRecord]) {
+    for row in rows.iter_mut() {
+        let mut tasks: Vec<(DownstreamScore, Vec<(f64, f64)>)> = Vec::new();
+        for record in records.iter().filter(|record| {
+            record.design_id == row.design_id
+                && record.upstream_dataset == row.dataset
+                && record.upstream_recipe_hash == row.recipe_hash
+        }) {
+            let (Some(top1), Some(top5)) = (record.top1, record.top5) else {
+                continue;
+            };
+            let slot = match tasks
+                .iter()
+                .position(|(score, _)| score.task_hash == record.task_hash)
+            {
+                Some(slot) => slot,
+                None => {
+                    tasks.push((
+                        DownstreamScore {
+                            name: record.name.clone(),
+                            kind: record.kind.clone(),
+                            dataset: record.dataset.clone(),
+                            task_hash: record.task_hash.clone(),
+                            seeds: 0,
+                            top1_mean: 0.0,
+                            top1_std: 0.0,
+                            top5_mean: 0.0,
+                        },
+                        Vec::new(),
+                    ));
+                    tasks.len() - 1
+                }
+            };
+            tasks[slot].1.push((top1, top5));
+        }
+        row.downstream = tasks
+            .into_iter()
+            .map(|(mut score, values)| {
+                let n = values.len() as f64;
+                score.seeds = values.len() as u32;
+                score.top1_mean = values.iter().map(|v| v.0).sum::<f64>() / n;
+                score.top5_mean = values.iter().map(|v| v.1).sum::<f64>() / n;
+                let variance = values
+                    .iter()
+                    .map(|v| (v.0 - score.top1_mean).powi(2))
+                    .sum::<f64>()
+                    / n;
+                score.top1_std = variance.sqrt();
+                score
+            })
+            .collect();
     }
 }
 

@@ -284,14 +284,62 @@ impl Store {
         }
     }
 
-    /// Returns the best designs by mean top-1 over seeds, per (design, dataset, recipe).
+    /// Returns the best designs by mean top-1 over seeds, per (design, dataset, recipe),
+    /// each with its downstream results per task (the sweep's tasks when the filter names a
+    /// sweep, every task of any sweep otherwise).
     pub async fn leaderboard(
         &self,
         filter: &LeaderboardFilter,
     ) -> Result<Vec<LeaderboardRow>, StoreError> {
+        let mut rows = match self {
+            Store::Postgres(store) => store.leaderboard(filter).await?,
+            Store::Sqlite(store) => store.leaderboard(filter).await?,
+        };
+        if rows.is_empty() {
+            return Ok(rows);
+        }
+        let records = match filter.sweep {
+            Some(sweep) => self.downstream_results(sweep).await?,
+            None => {
+                let mut designs: Vec<String> =
+                    rows.iter().map(|row| row.design_id.0.clone()).collect();
+                designs.sort();
+                designs.dedup();
+                match self {
+                    Store::Postgres(store) => store.downstream_of_designs(&designs).await?,
+                    Store::Sqlite(store) => store.downstream_of_designs(&designs).await?,
+                }
+            }
+        };
+        assemble::attach_downstream(&mut rows, &records);
+        Ok(rows)
+    }
+
+    /// Returns every downstream trial of a sweep (queued, running or finished), with its
+    /// result once it has one, by design, task and seed.
+    pub async fn downstream_results(
+        &self,
+        sweep: SweepId,
+    ) -> Result<Vec<DownstreamRecord>, StoreError> {
         match self {
-            Store::Postgres(store) => store.leaderboard(filter).await,
-            Store::Sqlite(store) => store.leaderboard(filter).await,
+            Store::Postgres(store) => store.downstream_results(sweep).await,
+            Store::Sqlite(store) => store.downstream_results(sweep).await,
+        }
+    }
+
+    /// Returns the trial that `attempt` leases, with its parent's result attempt, while the
+    /// attempt holds its lease (running, token matching, not expired at `now`); otherwise
+    /// `NotLeaseHolder` (or `NotFound` for an unknown attempt). Weights uploads and downloads
+    /// are fenced by this check.
+    pub async fn leased_trial(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+        now: DateTime<Utc>,
+    ) -> Result<LeasedTrial, StoreError> {
+        match self {
+            Store::Postgres(store) => store.leased_trial(attempt, token, micros(now)).await,
+            Store::Sqlite(store) => store.leased_trial(attempt, token, micros(now)).await,
         }
     }
 
@@ -301,6 +349,15 @@ impl Store {
         match self {
             Store::Postgres(store) => store.export_results(sweep).await,
             Store::Sqlite(store) => store.export_results(sweep).await,
+        }
+    }
+
+    /// Returns a stored design (its architecture and the numbers stored with it); an unknown
+    /// id is `NotFound`.
+    pub async fn get_design(&self, id: &crate::model::DesignId) -> Result<NewDesign, StoreError> {
+        match self {
+            Store::Postgres(store) => store.get_design(id).await,
+            Store::Sqlite(store) => store.get_design(id).await,
         }
     }
 

@@ -8,6 +8,8 @@
 //! The methods live in `pg/sweeps.rs` (sweeps), `pg/lease.rs` (the work protocol) and
 //! `pg/reads.rs` (leaderboards, histories, counts).
 
+mod designs;
+mod downstream;
 mod lease;
 mod reads;
 mod sweeps;

@@ -12,6 +12,8 @@
 //! The methods live in `sqlite/sweeps.rs`, `sqlite/lease.rs` and `sqlite/reads.rs`, which
 //! mirror the PostgreSQL files one for one.
 
+mod designs;
+mod downstream;
 mod lease;
 mod reads;
 mod sweeps;

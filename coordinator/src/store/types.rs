@@ -51,6 +51,21 @@ pub struct NewGridPoint {
     pub solve_ms: f64,
 }
 
+/// A downstream task of a sweep (see `SweepSpec::tasks`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewTask {
+    pub index: i32,
+    /// The leaderboard column's name, unique in the sweep.
+    pub name: String,
+    /// `linear-probe` or `finetune`.
+    pub kind: String,
+    pub dataset: String,
+    /// The full recipe (the sweep's with the task's overrides), canonical JSON.
+    pub recipe_json: String,
+    /// SHA-256 of the canonical {kind, dataset, recipe}.
+    pub task_hash: String,
+}
+
 /// Everything a new sweep writes, in one transaction.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NewSweep {
@@ -68,6 +83,8 @@ pub struct NewSweep {
     /// Deterministic failures allowed per trial before it is dead.
     pub max_attempts: i32,
     pub grid: Vec<NewGridPoint>,
+    /// Downstream evaluations of each trained backbone.
+    pub tasks: Vec<NewTask>,
     /// Distinct designs of the feasible grid points.
     pub designs: Vec<NewDesign>,
 }
@@ -84,6 +101,9 @@ pub struct SweepCreated {
     pub reused_results: u32,
     /// Trials that already existed without a result (queued or running elsewhere): shared.
     pub shared_trials: u32,
+    /// Downstream trials queued (or linked) at once for the training results the sweep
+    /// reuses; the others are queued as its training trials succeed.
+    pub downstream_linked: u32,
 }
 
 /// Trial counts by state.
@@ -135,6 +155,23 @@ pub struct Lease {
     pub dataset: String,
     pub seed: i64,
     pub expires_at: DateTime<Utc>,
+    /// `train`, or the downstream task (`linear-probe`, `finetune`) this trial runs.
+    pub task: String,
+    /// A downstream trial's training trial, whose trained weights it starts from.
+    pub parent: Option<TrialId>,
+    /// Whether the worker should upload the trained weights before completing: a training
+    /// trial held by a sweep with downstream tasks.
+    pub upload_weights: bool,
+}
+
+/// An attempt that holds its lease, as a weights upload or download checks it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeasedTrial {
+    pub trial: TrialId,
+    pub task: String,
+    pub parent: Option<TrialId>,
+    /// The attempt whose result is the parent's result (its weights are the parent's).
+    pub parent_result_attempt: Option<AttemptId>,
 }
 
 /// Progress a heartbeat carries.
@@ -228,6 +265,8 @@ pub struct LeaderboardFilter {
     pub family: Option<String>,
     pub min_params: Option<i64>,
     pub max_params: Option<i64>,
+    /// Designs of at most this many FLOPs.
+    pub max_flops: Option<i64>,
     pub limit: u32,
 }
 
@@ -250,6 +289,46 @@ pub struct LeaderboardRow {
     /// Population standard deviation over seeds (0 with one seed).
     pub top1_std: f64,
     pub top5_mean: f64,
+    /// Downstream results of the design's backbones (this dataset and recipe), per task.
+    pub downstream: Vec<DownstreamScore>,
+}
+
+/// A downstream task's results for one leaderboard row, over seeds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DownstreamScore {
+    /// The sweep's name of the task; across sweeps `KIND:DATASET`.
+    pub name: String,
+    pub kind: String,
+    pub dataset: String,
+    pub task_hash: String,
+    pub seeds: u32,
+    pub top1_mean: f64,
+    /// Population standard deviation over seeds.
+    pub top1_std: f64,
+    pub top5_mean: f64,
+}
+
+/// One downstream trial of a sweep, with its result once it has one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DownstreamRecord {
+    pub trial: TrialId,
+    /// The training trial whose weights it starts from.
+    pub parent: TrialId,
+    pub design_id: DesignId,
+    /// The training trial's dataset and recipe hash (the leaderboard row it belongs to).
+    pub upstream_dataset: String,
+    pub upstream_recipe_hash: String,
+    pub seed: i64,
+    /// The task's name in the sweep (`KIND:DATASET` when read across sweeps).
+    pub name: String,
+    pub kind: String,
+    pub dataset: String,
+    pub task_hash: String,
+    pub state: TrialState,
+    pub top1: Option<f64>,
+    pub top5: Option<f64>,
+    pub test_loss: Option<f64>,
+    pub epochs: Option<i32>,
 }
 
 /// A trial's whole history.

@@ -275,3 +275,75 @@ fn a_batch_larger_than_the_training_set_is_refused() {
     let error = Trainer::new(spec(quick_recipe(1, 32), 1), data, options(None)).unwrap_err();
     assert!(matches!(error, WorkerError::Incompatible { .. }), "{error}");
 }
+
+/// Named variable values of a model.
+type Named = Vec<(String, Vec<f32>)>;
+
+/// The variables of `trainer`'s model split into (backbone, classifier).
+fn split_weights(trainer: &Trainer) -> (Named, Named) {
+    weights(trainer)
+        .into_iter()
+        .partition(|(name, _)| !name.starts_with("classifier."))
+}
+
+#[test]
+fn downstream_training_starts_from_the_backbone_and_a_probe_keeps_it_frozen() {
+    let data = mnist(128, 64);
+    let dir = tempfile::tempdir().unwrap();
+    let parent_checkpoint = dir.path().join("parent.safetensors");
+    let recipe = quick_recipe(1, 32);
+    let parent_spec = spec(recipe.clone(), 3);
+    let design_hash = parent_spec.network.content_hash();
+    let mut parent = Trainer::new(
+        parent_spec,
+        Arc::clone(&data),
+        options(Some(parent_checkpoint.clone())),
+    )
+    .unwrap();
+    run_to_end(&mut parent);
+    let (parent_backbone, parent_classifier) = split_weights(&parent);
+
+    for freeze_backbone in [true, false] {
+        let options = TrainerOptions {
+            pretrained: Some(deepmad_worker::train::Pretrained {
+                checkpoint: parent_checkpoint.clone(),
+                design_hash: design_hash.clone(),
+                freeze_backbone,
+            }),
+            ..options(None)
+        };
+        let mut child = Trainer::new(spec(recipe.clone(), 9), Arc::clone(&data), options).unwrap();
+        let (backbone, classifier) = split_weights(&child);
+        assert_eq!(backbone, parent_backbone, "the backbone starts as trained");
+        assert_ne!(
+            classifier, parent_classifier,
+            "the classifier starts afresh"
+        );
+        run_to_end(&mut child);
+        let (backbone, classifier) = split_weights(&child);
+        if freeze_backbone {
+            // Weights and BatchNorm statistics alike: the probe runs the backbone in eval mode.
+            assert_eq!(
+                backbone, parent_backbone,
+                "a linear probe leaves the backbone alone"
+            );
+        } else {
+            assert_ne!(backbone, parent_backbone, "a finetune trains the backbone");
+        }
+        assert_ne!(classifier, parent_classifier);
+    }
+
+    // Weights of another design are refused, naming both designs.
+    let options = TrainerOptions {
+        pretrained: Some(deepmad_worker::train::Pretrained {
+            checkpoint: parent_checkpoint,
+            design_hash: "another-design".into(),
+            freeze_backbone: true,
+        }),
+        ..options(None)
+    };
+    let error = Trainer::new(spec(recipe, 9), data, options).unwrap_err();
+    assert!(matches!(error, WorkerError::Weights { .. }), "{error}");
+    assert_eq!(error.class(), FailureClass::Deterministic);
+    assert!(error.to_string().contains("another-design"), "{error}");
+}

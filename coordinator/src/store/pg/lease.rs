@@ -72,14 +72,19 @@ impl PgStore {
              leased AS ( \
                  UPDATE trials t SET state = 'running', updated_at = $2 \
                  FROM candidate WHERE t.id = candidate.id \
-                 RETURNING t.id, t.design_id, t.recipe_json, t.dataset, t.seed), \
+                 RETURNING t.id, t.design_id, t.recipe_json, t.dataset, t.seed, t.task, \
+                     t.parent_trial_id), \
              attempt AS ( \
                  INSERT INTO attempts (id, trial_id, worker_id, lease_token, state, leased_at, \
                      heartbeat_at, lease_expires_at) \
                  SELECT $3, leased.id, $1, $4, 'running', $2, $2, $5 FROM leased) \
              SELECT leased.id AS trial_id, leased.design_id, \
                  d.architecture_json::text AS architecture_json, \
-                 leased.recipe_json::text AS recipe_json, leased.dataset, leased.seed \
+                 leased.recipe_json::text AS recipe_json, leased.dataset, leased.seed, \
+                 leased.task, leased.parent_trial_id, \
+                 (leased.task = 'train' AND EXISTS ( \
+                     SELECT 1 FROM sweep_trials st JOIN sweep_tasks k ON k.sweep_id = st.sweep_id \
+                     WHERE st.trial_id = leased.id)) AS upload_weights \
              FROM worker LEFT JOIN (leased JOIN designs d ON d.id = leased.design_id) ON true",
         )
         .bind(worker.0)
@@ -106,6 +111,11 @@ impl PgStore {
             dataset: row.try_get("dataset")?,
             seed: row.try_get("seed")?,
             expires_at,
+            task: row.try_get("task")?,
+            parent: row
+                .try_get::<Option<Uuid>, _>("parent_trial_id")?
+                .map(TrialId),
+            upload_weights: row.try_get("upload_weights")?,
         }))
     }
 

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{count, lock_sweeps, PgStore};
+use super::{count, downstream, lock_sweeps, PgStore};
 use crate::model::{SweepId, SweepState, TrialId};
 use crate::store::assemble::{
     add_count, created, sweep_state, sweep_summary, trial_state, LinkedTrial, SweepRow,
@@ -27,6 +27,7 @@ impl PgStore {
         lock_sweeps(&mut tx).await?;
         insert_designs(&mut tx, sweep, now).await?;
         insert_sweep(&mut tx, sweep, &plan, now).await?;
+        downstream::insert_tasks(&mut tx, sweep).await?;
         insert_grid_points(&mut tx, sweep).await?;
         let linked = upsert_trials(&mut tx, sweep, &plan, now).await?;
         sqlx::query(
@@ -66,8 +67,16 @@ impl PgStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        let downstream_linked = if sweep.tasks.is_empty() {
+            0
+        } else {
+            downstream::queue_for_sweep(&mut tx, sweep.id, now).await?
+        };
         tx.commit().await?;
-        Ok(created(&plan, &linked))
+        Ok(SweepCreated {
+            downstream_linked,
+            ..created(&plan, &linked)
+        })
     }
 
     pub(crate) async fn get_sweep(&self, id: SweepId) -> Result<SweepSummary, StoreError> {

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
-use super::{get_time, get_uuid, time_text, upsert_epochs, uuid_text, SqliteStore};
+use super::{downstream, get_time, get_uuid, time_text, upsert_epochs, uuid_text, SqliteStore};
 use crate::model::{
     AttemptId, AttemptState, DesignId, FailureClass, LeaseToken, TrialId, TrialState, WorkerId,
 };
@@ -67,7 +67,12 @@ impl SqliteStore {
             });
         }
         let candidate = sqlx::query(
-            "SELECT t.id, t.design_id, d.architecture_json, t.recipe_json, t.dataset, t.seed \
+            "SELECT t.id, t.design_id, d.architecture_json, t.recipe_json, t.dataset, t.seed, \
+                 t.task, t.parent_trial_id, \
+                 (t.task = 'train' AND EXISTS ( \
+                     SELECT 1 FROM sweep_trials st \
+                         JOIN sweep_tasks k ON k.sweep_id = st.sweep_id \
+                     WHERE st.trial_id = t.id)) AS upload_weights \
              FROM trials t JOIN designs d ON d.id = t.design_id \
              WHERE t.state = 'queued' AND t.active_sweeps > 0 AND t.not_before <= ?1 \
              ORDER BY t.created_at, t.id LIMIT 1",
@@ -298,6 +303,12 @@ fn new_lease(candidate: &SqliteRow, expires_at: DateTime<Utc>) -> Result<Lease, 
         dataset: candidate.try_get("dataset")?,
         seed: candidate.try_get("seed")?,
         expires_at,
+        task: candidate.try_get("task")?,
+        parent: match candidate.try_get::<Option<&str>, _>("parent_trial_id")? {
+            Some(_) => Some(TrialId(get_uuid(candidate, "parent_trial_id")?)),
+            None => None,
+        },
+        upload_weights: candidate.try_get("upload_weights")?,
     })
 }
 
@@ -361,12 +372,14 @@ struct TrialRow {
     design_id: String,
     dataset: String,
     recipe_hash: String,
+    /// `train` or a downstream task.
+    task: String,
     counters: RetryCounters,
 }
 
 async fn read_trial(conn: &mut SqliteConnection, trial: TrialId) -> Result<TrialRow, StoreError> {
     let row = sqlx::query(
-        "SELECT state, design_id, dataset, recipe_hash, counted_failures, requeues, \
+        "SELECT state, design_id, dataset, recipe_hash, task, counted_failures, requeues, \
              max_attempts FROM trials WHERE id = ?1",
     )
     .bind(uuid_text(trial.0))
@@ -378,6 +391,7 @@ async fn read_trial(conn: &mut SqliteConnection, trial: TrialId) -> Result<Trial
         design_id: row.try_get("design_id")?,
         dataset: row.try_get("dataset")?,
         recipe_hash: row.try_get("recipe_hash")?,
+        task: row.try_get("task")?,
         counters: RetryCounters {
             counted_failures: row.try_get("counted_failures")?,
             requeues: row.try_get("requeues")?,
@@ -426,6 +440,10 @@ async fn record_result(
         .bind(time_text(now))
         .execute(&mut *conn)
         .await?;
+    if trial.task != "train" {
+        // A downstream result is read per (trial, task); it feeds no design aggregate.
+        return Ok(());
+    }
     sqlx::query(
         "INSERT INTO design_scores (design_id, dataset, recipe_hash, seeds, top1_mean, \
              top1_m2, top5_mean, updated_at, family) \
@@ -469,8 +487,9 @@ async fn record_result(
     .bind(metrics.top1)
     .bind(metrics.top5)
     .bind(time_text(now))
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
+    downstream::queue(conn, trial.id, None, now).await?;
     Ok(())
 }
 

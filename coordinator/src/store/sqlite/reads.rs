@@ -26,6 +26,7 @@ const LEADERBOARD_ALL: &str = "\
     FROM design_scores s JOIN designs d ON d.id = s.design_id \
     WHERE (?1 IS NULL OR s.dataset = ?1) AND (?2 IS NULL OR s.family = ?2) \
         AND (?3 IS NULL OR d.params >= ?3) AND (?4 IS NULL OR d.params <= ?4) \
+        AND (?6 IS NULL OR d.flops <= ?6) \
     ORDER BY s.top1_mean DESC, s.design_id, s.dataset, s.recipe_hash \
     LIMIT ?5";
 
@@ -34,11 +35,12 @@ const LEADERBOARD_SWEEP: &str = "\
     SELECT s.design_id, s.family, s.dataset, s.recipe_hash, d.params, d.flops, d.layers, \
         d.effectiveness, d.entropy, \
         (SELECT min(p.rho) FROM grid_points p \
-            WHERE p.sweep_id = ?6 AND p.design_id = s.design_id) AS rho, \
+            WHERE p.sweep_id = ?7 AND p.design_id = s.design_id) AS rho, \
         s.seeds AS seeds, s.top1_mean, s.top1_m2 / s.seeds AS top1_variance, s.top5_mean \
     FROM sweep_scores s JOIN designs d ON d.id = s.design_id \
-    WHERE s.sweep_id = ?6 AND (?1 IS NULL OR s.dataset = ?1) AND (?2 IS NULL OR s.family = ?2) \
+    WHERE s.sweep_id = ?7 AND (?1 IS NULL OR s.dataset = ?1) AND (?2 IS NULL OR s.family = ?2) \
         AND (?3 IS NULL OR d.params >= ?3) AND (?4 IS NULL OR d.params <= ?4) \
+        AND (?6 IS NULL OR d.flops <= ?6) \
     ORDER BY s.top1_mean DESC, s.design_id, s.dataset, s.recipe_hash \
     LIMIT ?5";
 
@@ -56,7 +58,8 @@ impl SqliteStore {
             .bind(&filter.family)
             .bind(filter.min_params)
             .bind(filter.max_params)
-            .bind(leaderboard_limit(filter.limit));
+            .bind(leaderboard_limit(filter.limit))
+            .bind(filter.max_flops);
         if let Some(sweep) = filter.sweep {
             query = query.bind(uuid_text(sweep.0));
         }
@@ -230,7 +233,7 @@ impl SqliteStore {
     }
 
     /// Returns `NotFound` unless the sweep exists.
-    async fn ensure_sweep(&self, sweep: SweepId) -> Result<(), StoreError> {
+    pub(super) async fn ensure_sweep(&self, sweep: SweepId) -> Result<(), StoreError> {
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sweeps WHERE id = ?1)")
             .bind(uuid_text(sweep.0))
             .fetch_one(&self.reader)
@@ -258,7 +261,7 @@ const EXPORT_RESULTS: &str = "\
         JOIN trials t ON t.id = st.trial_id \
         JOIN results r ON r.trial_id = t.id \
         JOIN designs d ON d.id = t.design_id \
-    WHERE st.sweep_id = ?1 \
+    WHERE st.sweep_id = ?1 AND t.task = 'train' \
     ORDER BY t.design_id, t.seed, t.id";
 
 const METRICS_COLUMNS: &str = "SELECT attempt_id, top1, top5, test_loss, train_seconds, epochs, \

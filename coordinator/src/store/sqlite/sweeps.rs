@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
-use super::{get_time, get_uuid, time_text, uuid_text, SqliteStore};
+use super::{downstream, get_time, get_uuid, time_text, uuid_text, SqliteStore};
 use crate::model::{SweepId, SweepState, TrialId};
 use crate::store::assemble::{
     add_count, created, sweep_state, sweep_summary, trial_state, LinkedTrial, SweepRow,
@@ -31,6 +31,7 @@ impl SqliteStore {
             insert_design(&mut tx, design, now).await?;
         }
         insert_sweep(&mut tx, sweep, &plan, now).await?;
+        downstream::insert_tasks(&mut tx, sweep).await?;
         for point in &sweep.grid {
             insert_grid_point(&mut tx, sweep.id, point).await?;
         }
@@ -72,8 +73,16 @@ impl SqliteStore {
         .bind(time_text(now))
         .execute(&mut *tx)
         .await?;
+        let downstream_linked = if sweep.tasks.is_empty() {
+            0
+        } else {
+            downstream::queue_for_sweep(&mut tx, sweep.id, now).await?
+        };
         tx.commit().await?;
-        Ok(created(&plan, &linked))
+        Ok(SweepCreated {
+            downstream_linked,
+            ..created(&plan, &linked)
+        })
     }
 
     pub(crate) async fn get_sweep(&self, id: SweepId) -> Result<SweepSummary, StoreError> {
