@@ -526,6 +526,34 @@ mod count {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_shipped_example_sweeps_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut checked = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let spec = SweepSpec::from_toml(&text)
+                    .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+                spec.problems(10_000)
+                    .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+                checked.push((path, spec));
+            }
+        }
+        assert!(checked.len() >= 3, "{checked:?}");
+        let (_, downstream) = checked
+            .iter()
+            .find(|(path, _)| path.ends_with("downstream.toml"))
+            .expect("examples/downstream.toml");
+        let tasks = downstream.tasks();
+        assert_eq!(tasks.len(), 2);
+        let probe: serde_json::Value = serde_json::from_str(&tasks[0].recipe_json).unwrap();
+        assert_eq!(probe["epochs"], 3, "the task's key");
+        assert_eq!(probe["batch_size"], 64, "the sweep's key");
+        assert_ne!(tasks[0].task_hash, tasks[1].task_hash);
+    }
+
     const EXAMPLE: &str = r#"
 name = "rho sweep"
 dataset = "idx:data/mnist-subset"

@@ -166,21 +166,7 @@ impl LoadedCheckpoint {
 
     /// Copies the stored weights, statistics and momentum buffers into `model` and `optimizer`.
     pub fn restore(&self, model: &Model, optimizer: &mut Sgd) -> Result<(), WorkerError> {
-        for named in model.named_vars() {
-            let key = format!("model.{}", named.name);
-            let tensor = self
-                .tensors
-                .get(&key)
-                .ok_or_else(|| self.failed(format!("has no tensor {key}")))?;
-            if tensor.dims() != named.var.dims() {
-                return Err(self.failed(format!(
-                    "{key} has shape {:?}, the model {:?}",
-                    tensor.dims(),
-                    named.var.dims()
-                )));
-            }
-            named.var.set(tensor)?;
-        }
+        self.copy_model(model, |_| true)?;
         for (key, tensor) in &self.tensors {
             if let Some(name) = key.strip_prefix("momentum.") {
                 optimizer
@@ -204,8 +190,14 @@ impl LoadedCheckpoint {
                 ),
             });
         }
+        self.copy_model(model, |name| !name.starts_with("classifier."))
+    }
+
+    /// Sets each of `model`'s variables that `wanted` names from its stored tensor, which
+    /// must exist with the variable's shape.
+    fn copy_model(&self, model: &Model, wanted: impl Fn(&str) -> bool) -> Result<(), WorkerError> {
         for named in model.named_vars() {
-            if named.name.starts_with("classifier.") {
+            if !wanted(&named.name) {
                 continue;
             }
             let key = format!("model.{}", named.name);
