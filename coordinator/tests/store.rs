@@ -77,6 +77,8 @@ conformance!(
 struct TestDb {
     store: Store,
     cleanup: Cleanup,
+    /// The database's URL (PostgreSQL only), for tests that hold locks from another session.
+    url: Option<String>,
 }
 
 enum Cleanup {
@@ -105,10 +107,12 @@ impl TestDb {
         let (server, _) = admin_url
             .rsplit_once('/')
             .expect("the url names a database");
-        let store = Store::connect_with(&format!("{server}/{name}"), &test_pool())
+        let url = format!("{server}/{name}");
+        let store = Store::connect_with(&url, &test_pool())
             .await
             .expect("connecting to the fresh database and migrating it");
         TestDb {
+            url: Some(url),
             store,
             cleanup: Cleanup::Postgres { admin_url, name },
         }
@@ -121,6 +125,7 @@ impl TestDb {
             .expect("creating the SQLite file and migrating it");
         TestDb {
             store,
+            url: None,
             cleanup: Cleanup::Sqlite { path },
         }
     }
@@ -1562,5 +1567,78 @@ async fn a_stored_design_is_read_back_by_id(store: &Store) {
     match store.get_design(&unknown).await.unwrap_err() {
         StoreError::NotFound { what, id } => assert_eq!((what, id), ("design", unknown.0)),
         other => panic!("expected not found, got {other:?}"),
+    }
+}
+
+/// On PostgreSQL a completion that must queue downstream trials while a sweep-level change
+/// holds the sweep lock does not wait for it (it holds the trial's row, which such a change
+/// may want next): it fails, committing nothing, and the store calls it again until the lock
+/// is free. Here another session holds the lock for 300 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_completion_retries_while_a_sweep_change_holds_the_lock() {
+    let db = TestDb::postgres().await;
+    let store = db.store.clone();
+    let url = db.url.clone().expect("a PostgreSQL database");
+    let outcome = tokio::spawn(async move {
+        let a = design("a", "basic", 1_000);
+        let first = NewSweep {
+            tasks: vec![task(0, "probe", "linear-probe")],
+            ..sweep(&[(0.3, Some(&a))], &[0])
+        };
+        store.create_sweep(&first, at(0.0)).await.unwrap();
+        let worker = worker(&store, at(0.0)).await;
+        let lease = claim(&store, worker, at(1.0)).await;
+
+        let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        // pg.rs's SWEEPS_LOCK, as sweep creation, cancel, retry and finish take it.
+        sqlx::query("SELECT pg_advisory_xact_lock(28258984023384420)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+        });
+        let started = std::time::Instant::now();
+        assert_eq!(
+            complete(&store, &lease, 0.8, at(2.0)).await,
+            CompleteOutcome::Recorded
+        );
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(250),
+            "the completion waited for the lock: {:?}",
+            started.elapsed()
+        );
+        release.await.unwrap();
+        let probe = claim(&store, worker, at(3.0)).await;
+        assert_eq!(
+            (probe.task.as_str(), probe.parent),
+            ("linear-probe", Some(lease.trial))
+        );
+        // A sweep without tasks completes without the lock, even while it is held.
+        let plain = NewSweep {
+            id: SweepId::new(),
+            ..sweep(&[(0.3, Some(&a))], &[7])
+        };
+        store.create_sweep(&plain, at(4.0)).await.unwrap();
+        let lease = claim(&store, worker, at(5.0)).await;
+        let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock(28258984023384420)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        // (Were the lock needed, the store would give up after its retries and fail.)
+        assert_eq!(
+            complete(&store, &lease, 0.7, at(6.0)).await,
+            CompleteOutcome::Recorded
+        );
+        sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    })
+    .await;
+    db.remove().await;
+    if let Err(error) = outcome {
+        std::panic::resume_unwind(error.into_panic());
     }
 }

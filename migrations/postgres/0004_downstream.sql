@@ -82,14 +82,18 @@ BEGIN
 END
 $fn$;
 
--- Completion as in 0003, with three changes:
--- * it first takes the sweep-level advisory lock in shared mode (completions do not wait for
---   each other), so queueing downstream trials cannot interleave with a sweep being created,
---   cancelled, retried or finished (those take it exclusively, before any trial row, so the
---   lock order stays advisory lock -> trial rows everywhere);
+-- Completion as in 0003, with two changes:
 -- * only training trials feed design_scores and sweep_scores (a downstream result is read
 --   per (trial, task), see the leaderboard's downstream columns);
--- * a recorded training result queues the downstream trials of the sweeps holding it.
+-- * a recorded training result of a trial held by a sweep with tasks queues its downstream
+--   trials. Queueing must not interleave with a sweep being created, cancelled, retried or
+--   finished (a cancel could miss a link it did not see yet), so it holds the sweep-level
+--   advisory lock in shared mode (completions do not wait for each other). Those changes
+--   take it exclusively and before any trial row, while this function already holds the
+--   trial's row: waiting here could deadlock, so it only *tries* the lock, and when a
+--   sweep-level change holds it, fails with serialization_failure (40001); the store
+--   retries the whole call, which committed nothing. Trials of sweeps without tasks take no
+--   lock at all.
 CREATE OR REPLACE FUNCTION deepmad_complete(
     uuid, uuid, timestamptz, double precision, double precision, double precision,
     double precision, integer, text, text, integer[], double precision[], double precision[],
@@ -100,8 +104,6 @@ DECLARE
     v_trial uuid;
     v_task text;
 BEGIN
-    -- The key is pg.rs's SWEEPS_LOCK ("deepmad" as a number).
-    PERFORM pg_advisory_xact_lock_shared(28258984023384420);
     WITH locked AS (
         SELECT t.id, t.design_id, t.dataset, t.recipe_hash, t.task,
             CASE WHEN a.lease_token <> $2 THEN 'forged'
@@ -176,6 +178,11 @@ BEGIN
             updated_at = $3;
         IF EXISTS (SELECT 1 FROM sweep_trials st JOIN sweep_tasks k ON k.sweep_id = st.sweep_id
                 WHERE st.trial_id = v_trial) THEN
+            -- The key is pg.rs's SWEEPS_LOCK ("deepmad" as a number).
+            IF NOT pg_try_advisory_xact_lock_shared(28258984023384420) THEN
+                RAISE EXCEPTION 'a sweep-level change holds the sweep lock: retry the completion'
+                    USING ERRCODE = 'serialization_failure';
+            END IF;
             PERFORM deepmad_queue_downstream(ARRAY[v_trial], NULL, $3);
         END IF;
     END IF;

@@ -21,6 +21,9 @@ use crate::store::types::{
 };
 use crate::store::{FailureReport, StoreError};
 
+/// PostgreSQL's SQLSTATE for serialization_failure.
+const SERIALIZATION_FAILURE: &str = "40001";
+
 /// Most expired attempts one reaper pass handles; the next pass takes the rest.
 const REAP_BATCH: i64 = 1_000;
 
@@ -169,9 +172,10 @@ impl PgStore {
     }
 
     /// Completes in one call (one round trip, one commit) of `deepmad_complete`
-    /// (`migrations/postgres/0003_sweep_scores.sql`), with the transaction's semantics: lock
-    /// the trial and attempt rows, decide the outcome on the locked rows, write what that
-    /// outcome writes, and add a recorded result to its sweeps' aggregates.
+    /// (`migrations/postgres/0003_sweep_scores.sql`, redefined in `0004_downstream.sql`), with
+    /// the transaction's semantics: lock the trial and attempt rows, decide the outcome on the
+    /// locked rows, write what that outcome writes, add a recorded result to its sweeps'
+    /// aggregates and queue its downstream trials.
     pub(crate) async fn complete(
         &self,
         attempt: AttemptId,
@@ -179,6 +183,32 @@ impl PgStore {
         metrics: &FinalMetrics,
         now: DateTime<Utc>,
     ) -> Result<CompleteOutcome, StoreError> {
+        // deepmad_complete fails with serialization_failure, having committed nothing, when
+        // it must queue downstream trials while a sweep-level change holds the sweep lock
+        // (migrations/postgres/0004_downstream.sql): such changes are short, so try again.
+        let mut tries = 0;
+        loop {
+            match self.complete_once(attempt, token, metrics, now).await {
+                Err(sqlx::Error::Database(error))
+                    if error.code().as_deref() == Some(SERIALIZATION_FAILURE) && tries < 50 =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(2 * tries)).await;
+                }
+                Err(error) => return Err(error.into()),
+                Ok(text) => return outcome(text, attempt),
+            }
+        }
+    }
+
+    /// One call of `deepmad_complete`; returns its outcome text (`None`: unknown attempt).
+    async fn complete_once(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+        metrics: &FinalMetrics,
+        now: DateTime<Utc>,
+    ) -> Result<Option<String>, sqlx::Error> {
         let epochs = &metrics.epochs_metrics;
         let column = |pick: fn(&EpochMetrics) -> f64| epochs.iter().map(pick).collect::<Vec<f64>>();
         let row = sqlx::query(
@@ -204,14 +234,7 @@ impl PgStore {
         .bind(column(|e| e.learning_rate))
         .fetch_one(&self.pool)
         .await?;
-        let outcome: Option<&str> = row.try_get("outcome")?;
-        match outcome.ok_or_else(|| attempt_not_found(attempt))? {
-            "recorded" => Ok(CompleteOutcome::Recorded),
-            "duplicate" => Ok(CompleteOutcome::Duplicate),
-            "late" => Ok(CompleteOutcome::Late),
-            // A token that is not the attempt's is a forged or buggy report, not a late one.
-            _ => Err(StoreError::NotLeaseHolder { attempt }),
-        }
+        row.try_get("outcome")
     }
 
     pub(crate) async fn fail(
@@ -477,4 +500,15 @@ async fn apply_verdict(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Reads `deepmad_complete`'s outcome text.
+fn outcome(outcome: Option<String>, attempt: AttemptId) -> Result<CompleteOutcome, StoreError> {
+    match outcome.ok_or_else(|| attempt_not_found(attempt))?.as_str() {
+        "recorded" => Ok(CompleteOutcome::Recorded),
+        "duplicate" => Ok(CompleteOutcome::Duplicate),
+        "late" => Ok(CompleteOutcome::Late),
+        // A token that is not the attempt's is a forged or buggy report, not a late one.
+        _ => Err(StoreError::NotLeaseHolder { attempt }),
+    }
 }
