@@ -346,25 +346,8 @@ impl TrialRun<'_> {
         let attempt = assignment.attempt_id.clone();
         let token = assignment.lease_token.clone();
         info!(trial = %assignment.trial_id, %attempt, "trial leased");
-        let prepared = match self.prepare(&assignment, datasets).await {
-            Ok((mut spec, dataset)) => self
-                .pretrained(&assignment, &mut spec, &dataset)
-                .await
-                .map(|pretrained| (spec, dataset, pretrained)),
-            Err(error) => Err(error),
-        };
-        let (trainer_spec, dataset, pretrained) = match prepared {
-            Ok(prepared) => prepared,
-            Err(error) => {
-                self.fail(&attempt, &token, &error).await;
-                return Finished::Failed;
-            }
-        };
-        let checkpoint = self
-            .config
-            .work_dir
-            .join("checkpoints")
-            .join(format!("{}.safetensors", assignment.trial_id));
+        // Heartbeats start before the dataset loads and the weights download, which can take
+        // longer than a lease.
         let shared = Arc::new(Mutex::new(Shared::default()));
         let flag = CancellationFlag::new();
         let cause = Arc::new(Mutex::new(StopCause::None));
@@ -377,6 +360,26 @@ impl TrialRun<'_> {
             cause.clone(),
             self.heartbeat_every,
         ));
+        let prepared = match self.prepare(&assignment, datasets).await {
+            Ok((mut spec, dataset)) => self
+                .pretrained(&assignment, &mut spec, &dataset)
+                .await
+                .map(|pretrained| (spec, dataset, pretrained)),
+            Err(error) => Err(error),
+        };
+        let (trainer_spec, dataset, pretrained) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                heartbeat.abort();
+                self.fail(&attempt, &token, &error).await;
+                return Finished::Failed;
+            }
+        };
+        let checkpoint = self
+            .config
+            .work_dir
+            .join("checkpoints")
+            .join(format!("{}.safetensors", assignment.trial_id));
         let stop_on_shutdown = {
             let (flag, shutdown) = (flag.clone(), shutdown.clone());
             tokio::spawn(async move {
