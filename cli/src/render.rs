@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 
-use deepmad_design::score::Analysis;
+use deepmad_design::score::{Analysis, StageReport};
 use deepmad_design::solver::{Problem, Solution};
 use deepmad_design::units::format_count;
 use deepmad_design::Network;
@@ -73,19 +73,7 @@ pub fn analysis(
         net.num_classes
     )?;
     writeln!(out, "design {}", &net.content_hash()[..16])?;
-    let pool = if net.stem.max_pool { " + max pool" } else { "" };
-    let head = net
-        .head
-        .map_or(String::new(), |h| format!(", head 1x1 conv -> {h}"));
-    writeln!(
-        out,
-        "stem {k}x{k} conv stride {} -> {}{pool}{head}, classifier {} -> {}",
-        net.stem.stride,
-        net.stem.out,
-        net.final_channels(),
-        net.num_classes,
-        k = net.stem.kernel
-    )?;
+    writeln!(out, "{}", net.outline())?;
     writeln!(out)?;
     stage_table(out, analysis)?;
     writeln!(out)?;
@@ -95,31 +83,9 @@ pub fn analysis(
 }
 
 fn stage_table(out: &mut impl Write, analysis: &Analysis) -> io::Result<()> {
-    let mut table = Table::new(
-        vec![
-            "stage", "block", "in", "out", "mid", "k", "s", "depth", "side", "params", "FLOPs",
-        ],
-        2,
-    );
+    let mut table = Table::new(StageReport::HEADERS.to_vec(), 2);
     for (index, stage) in analysis.stages.iter().enumerate() {
-        let block = if stage.se {
-            format!("{}+se", stage.block)
-        } else {
-            stage.block.clone()
-        };
-        table.rows.push(vec![
-            (index + 1).to_string(),
-            block,
-            stage.in_channels.to_string(),
-            stage.out.to_string(),
-            stage.mid.map_or("-".to_string(), |mid| mid.to_string()),
-            stage.kernel.to_string(),
-            stage.stride.to_string(),
-            stage.depth.to_string(),
-            stage.side.to_string(),
-            format_count(stage.params),
-            format_count(stage.flops),
-        ]);
+        table.rows.push(stage.cells(index));
     }
     table.write(out)
 }

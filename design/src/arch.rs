@@ -176,6 +176,27 @@ impl Network {
         self.head
             .unwrap_or_else(|| self.stages.last().map_or(self.stem.out, |stage| stage.out))
     }
+
+    /// Returns the layers around the stages in one line, as `deepmad analyze` prints them:
+    /// `stem 7x7 conv stride 2 -> 64 + max pool, classifier 2048 -> 1000`.
+    pub fn outline(&self) -> String {
+        let pool = if self.stem.max_pool {
+            " + max pool"
+        } else {
+            ""
+        };
+        let head = self
+            .head
+            .map_or(String::new(), |h| format!(", head 1x1 conv -> {h}"));
+        format!(
+            "stem {k}x{k} conv stride {} -> {}{pool}{head}, classifier {} -> {}",
+            self.stem.stride,
+            self.stem.out,
+            self.final_channels(),
+            self.num_classes,
+            k = self.stem.kernel
+        )
+    }
 }
 
 impl Stage {

@@ -82,6 +82,36 @@ pub struct StageReport {
     pub layers: u32,
 }
 
+impl StageReport {
+    /// Headers of [`StageReport::cells`], as `deepmad analyze` and the dashboard show them.
+    pub const HEADERS: [&'static str; 11] = [
+        "stage", "block", "in", "out", "mid", "k", "s", "depth", "side", "params", "FLOPs",
+    ];
+
+    /// The stage's row of the report table (`index` counts from 0): the block (`+se` with
+    /// squeeze-excitation), widths, kernel, stride, depth, output side, params and FLOPs.
+    pub fn cells(&self, index: usize) -> Vec<String> {
+        let block = if self.se {
+            format!("{}+se", self.block)
+        } else {
+            self.block.clone()
+        };
+        vec![
+            (index + 1).to_string(),
+            block,
+            self.in_channels.to_string(),
+            self.out.to_string(),
+            self.mid.map_or("-".to_string(), |mid| mid.to_string()),
+            self.kernel.to_string(),
+            self.stride.to_string(),
+            self.depth.to_string(),
+            self.side.to_string(),
+            crate::units::format_count(self.params),
+            crate::units::format_count(self.flops),
+        ]
+    }
+}
+
 /// A full analysis: the score, its terms and a per-stage table.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Analysis {

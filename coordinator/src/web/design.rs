@@ -4,7 +4,9 @@
 
 use axum::extract::{Extension, Path, State};
 use axum::response::Html;
-use deepmad_design::score::{analyze_paper, default_alpha, scale_count, Analysis, DEFAULT_BETA};
+use deepmad_design::score::{
+    analyze_paper, default_alpha, scale_count, Analysis, StageReport, DEFAULT_BETA,
+};
 use deepmad_design::units::format_count;
 use deepmad_design::Network;
 
@@ -132,63 +134,30 @@ fn count(value: i64) -> String {
 
 /// The stem, each stage and the head, as `deepmad analyze` shows them.
 fn stage_table(network: &Network, analysis: &Analysis) -> String {
-    let pool = if network.stem.max_pool {
-        " + 3x3 max pool"
-    } else {
-        ""
-    };
-    let head = network
-        .head
-        .map_or(String::new(), |head| format!(", head 1x1 conv -> {head}"));
     let outline = format!(
-        "{}x{}x{} input; stem {k}x{k} conv stride {} -> {}{pool}{head}; classifier {} -> {}",
+        "{}x{}x{} input; {}",
         network.resolution,
         network.resolution,
         network.in_channels,
-        network.stem.stride,
-        network.stem.out,
-        network.final_channels(),
-        network.num_classes,
-        k = network.stem.kernel,
+        network.outline()
     );
     let rows: Vec<Vec<String>> = analysis
         .stages
         .iter()
         .enumerate()
         .map(|(index, stage)| {
-            let block = if stage.se {
-                format!("{}+se", stage.block)
-            } else {
-                stage.block.clone()
-            };
-            vec![
-                (index + 1).to_string(),
-                escape(&block),
-                stage.in_channels.to_string(),
-                stage.out.to_string(),
-                stage.mid.map_or("-".to_string(), |mid| mid.to_string()),
-                stage.kernel.to_string(),
-                stage.stride.to_string(),
-                stage.depth.to_string(),
-                stage.side.to_string(),
-                format_count(stage.params),
-                format_count(stage.flops),
-                stage.layers.to_string(),
-            ]
+            let mut cells = stage.cells(index);
+            cells[1] = escape(&cells[1]);
+            cells.push(stage.layers.to_string());
+            cells
         })
         .collect();
+    let mut headers = StageReport::HEADERS.to_vec();
+    headers.push("layers");
     format!(
         "<p class=\"muted\">{}</p>\n{}",
         escape(&outline),
-        html::table(
-            "stages",
-            &[
-                "stage", "block", "in", "out", "mid", "k", "s", "depth", "side", "params", "FLOPs",
-                "layers",
-            ],
-            2,
-            &rows,
-        )
+        html::table("stages", &headers, 2, &rows,)
     )
 }
 
@@ -348,7 +317,7 @@ mod tests {
         let html = stage_table(&network, &analysis);
         assert_eq!(html.matches("<tr>").count(), 1 + network.stages.len());
         assert!(
-            html.contains("stem 7x7 conv stride 2 -&gt; 64 + 3x3 max pool"),
+            html.contains("stem 7x7 conv stride 2 -&gt; 64 + max pool"),
             "{html}"
         );
         let html = analysis_html(&analysis);
