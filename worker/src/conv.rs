@@ -7,7 +7,8 @@
 //! - dense convolutions on the CPU: `DenseConv`, per group of images an im2col into a per-thread
 //!   scratch buffer and one matrix product with the `(out, in * k * k)` weight (the gemm crate
 //!   candle uses, single-threaded, images spread over the threads); the backward pass is two
-//!   products and a col2im per group, the weight gradient accumulated per thread;
+//!   products and a col2im per group, the weight gradient accumulated per contiguous slice of
+//!   groups and the slices summed in order (bit-reproducible whatever the thread timing);
 //! - depthwise convolutions on the CPU: `DepthwiseConv`, a direct loop per (image, channel)
 //!   plane and tap, forward and backward, with no columns;
 //! - every convolution on CUDA (with the `cuda` feature): cuDNN in all three passes
@@ -147,8 +148,8 @@ pub fn conv2d_with(
 /// and the product's blocks copied to each image's output; groups are spread over candle's
 /// threads. Grouping makes the products wide enough for the gemm kernels (ResNet-20's last
 /// stage has 64 pixels per image). Nothing batch-sized is materialised besides input and output;
-/// the backward pass ([`DenseConvBackward`]) accumulates the weight gradient per thread with the
-/// product's `dst += lhs * rhs` instead of a batch-sized tensor reduced afterwards.
+/// the backward pass ([`DenseConvBackward`]) accumulates the weight gradient per slice of groups
+/// with the product's `dst += lhs * rhs` instead of a batch-sized tensor reduced afterwards.
 #[derive(Clone, Copy, Debug)]
 struct DenseConv {
     windows: Windows,
@@ -246,7 +247,7 @@ impl CustomOp2 for DenseConv {
     }
 }
 
-/// One thread's scratch space in [`DenseConvBackward`].
+/// One slice's scratch space in [`DenseConvBackward`].
 struct BackwardScratch {
     grad_weight: Vec<f32>,
     cols: Vec<f32>,
@@ -278,18 +279,28 @@ impl CustomOp3 for DenseConvBackward {
         let image_len = conv.image_len();
         let mut grads = vec![0f32; input.len() + out * rows];
         let (grad_xs, grad_weight) = grads.split_at_mut(input.len());
-        let partial = grad_xs
-            .par_chunks_mut(group * image_len)
-            .zip(input.par_chunks(group * image_len))
-            .zip(grad_ys.par_chunks(group * out * pixels))
-            .fold(
-                || BackwardScratch {
+        // The weight gradient is a sum over images. Each thread sums a fixed, contiguous slice
+        // of the groups in order and the slices' partial sums are added in slice order, so the
+        // summation order, and with it every bit of the result, does not depend on which
+        // thread ran what (a work-stealing fold would make it vary from run to run).
+        let groups = input.len().div_ceil(group * image_len);
+        let per_slice = groups.div_ceil(rayon::current_num_threads().clamp(1, groups.max(1)));
+        let partials: Vec<Vec<f32>> = grad_xs
+            .par_chunks_mut(per_slice * group * image_len)
+            .zip(input.par_chunks(per_slice * group * image_len))
+            .zip(grad_ys.par_chunks(per_slice * group * out * pixels))
+            .map(|((grad_xs, input), grad_ys)| {
+                let mut scratch = BackwardScratch {
                     grad_weight: vec![0f32; out * rows],
                     cols: vec![0f32; rows * width],
                     grad_cols: vec![0f32; rows * width],
                     grad_y: vec![0f32; out * width],
-                },
-                |mut scratch, ((grad_xs, images), grad_ys)| {
+                };
+                let slices = grad_xs
+                    .chunks_mut(group * image_len)
+                    .zip(input.chunks(group * image_len))
+                    .zip(grad_ys.chunks(group * out * pixels));
+                for ((grad_xs, images), grad_ys) in slices {
                     let count = images.len() / image_len;
                     let n = count * pixels;
                     for (j, image) in images.chunks(image_len).enumerate() {
@@ -321,16 +332,15 @@ impl CustomOp3 for DenseConvBackward {
                     for (j, grad_x) in grad_xs.chunks_mut(image_len).enumerate() {
                         col2im_from(&w, &scratch.grad_cols, width, j * pixels, grad_x);
                     }
-                    scratch
-                },
-            )
-            .map(|scratch| scratch.grad_weight)
-            .reduce_with(|mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            });
-        if let Some(partial) = partial {
-            grad_weight.copy_from_slice(&partial);
+                }
+                scratch.grad_weight
+            })
+            .collect();
+        for partial in partials {
+            grad_weight
+                .iter_mut()
+                .zip(&partial)
+                .for_each(|(a, b)| *a += b);
         }
         let shape = Shape::from(grads.len());
         Ok((CpuStorage::F32(grads), shape))
