@@ -367,24 +367,86 @@ impl<'a> Ctx<'a> {
     }
 
     /// Sets width `var` to the largest level whose design stays within the params and FLOPs
-    /// budgets (binary search: budget use grows with every width). Returns false, leaving the
-    /// lowest level, when even that is over budget.
+    /// budgets. Returns false, leaving the lowest level, when even that is over budget.
+    ///
+    /// Budget use grows with every width, so the levels within budget are a prefix of the
+    /// range: the search gallops from the current level (one step, two, four, ...) until it
+    /// brackets the boundary, then halves the bracket. A fit usually lands near where the
+    /// width was, so this checks far fewer levels than a binary search over the whole range.
+    /// Setting a stage's output width clamps its inner width into the new bounds. A fit of an
+    /// output width first brings the inner width within the bounds of the lowest output level
+    /// (so widening the output does not widen the inner width too; the budget goes to the
+    /// output), and every probe clamps from that, so the answer does not depend on which
+    /// levels were probed.
     pub(crate) fn fit(&self, net: &mut Network, var: Var) -> bool {
-        let (mut low, mut high) = self.range(net, var);
-        self.set(net, var, low);
-        if !self.within_budget(net) {
-            return false;
-        }
-        while low < high {
-            let middle = low + (high - low).div_ceil(2);
-            self.set(net, var, middle);
-            if self.within_budget(net) {
-                low = middle;
-            } else {
-                high = middle - 1;
+        let (low, high) = self.range(net, var);
+        let step = self.space.channel_step;
+        let inner = match var {
+            Var::Out(index) if self.has_mid() => {
+                let (mid_low, mid_high) = self.mid_bounds(low * step);
+                let mid = (mid_width(&net.stages[index]) / step).clamp(mid_low, mid_high);
+                Some((index, Some(Mid::Width(mid * step))))
+            }
+            _ => None,
+        };
+        let place = |net: &mut Network, level: u32| {
+            if let Some((index, mid)) = inner {
+                net.stages[index].mid = mid;
+            }
+            self.set(net, var, level);
+        };
+        let probe = |net: &mut Network, level: u32| {
+            place(net, level);
+            self.within_budget(net)
+        };
+        // `good` is a level known within budget, `bad` one known over it (good < bad).
+        let current = self.get(net, var).clamp(low, high);
+        let (mut good, mut bad);
+        if probe(net, current) {
+            good = current;
+            let mut step = 1;
+            loop {
+                if good == high {
+                    // Every level fits.
+                    place(net, high);
+                    return true;
+                }
+                let next = good.saturating_add(step).min(high);
+                if probe(net, next) {
+                    good = next;
+                    step = step.saturating_mul(2);
+                } else {
+                    bad = next;
+                    break;
+                }
+            }
+        } else {
+            bad = current;
+            let mut step = 1;
+            loop {
+                if bad == low {
+                    // Not even the lowest level fits.
+                    place(net, low);
+                    return false;
+                }
+                let next = bad.saturating_sub(step).max(low);
+                if probe(net, next) {
+                    good = next;
+                    break;
+                }
+                bad = next;
+                step = step.saturating_mul(2);
             }
         }
-        self.set(net, var, low);
+        while bad - good > 1 {
+            let middle = good + (bad - good) / 2;
+            if probe(net, middle) {
+                good = middle;
+            } else {
+                bad = middle;
+            }
+        }
+        place(net, good);
         true
     }
 }
@@ -465,6 +527,52 @@ mod tests {
                 net
             })
             .collect()
+    }
+
+    /// A fit lands on the largest level within budget, found by scanning every level the
+    /// same way (the inner width brought within the bounds of the lowest level first), from
+    /// designs where the width starts below, at and above that level.
+    #[test]
+    fn fits_find_the_largest_level_within_budget() {
+        for family in [Family::Basic, Family::Bottleneck, Family::MbconvSe] {
+            for objective in [ObjectiveKind::Paper, ObjectiveKind::Tinynas] {
+                if objective == ObjectiveKind::Tinynas && family == Family::Basic {
+                    continue;
+                }
+                let mut problem = Problem::new(family, Some(8_000_000), Some(1_500_000_000), 0.5);
+                problem.objective = objective;
+                let ctx = Ctx::new(&problem);
+                let mut fitted = 0;
+                for net in random_designs(&ctx, 60) {
+                    for &var in ctx.width_vars() {
+                        let (low, high) = ctx.range(&net, var);
+                        let mut start = net.clone();
+                        if let Var::Out(index) = var {
+                            if ctx.has_mid() {
+                                let step = ctx.space.channel_step;
+                                let (mid_low, mid_high) = ctx.mid_bounds(low * step);
+                                let mid = (mid_width(&start.stages[index]) / step)
+                                    .clamp(mid_low, mid_high);
+                                start.stages[index].mid = Some(Mid::Width(mid * step));
+                            }
+                        }
+                        let expected = (low..=high).rev().find(|&level| {
+                            let mut probe = start.clone();
+                            ctx.set(&mut probe, var, level);
+                            ctx.within_budget(&probe)
+                        });
+                        let mut got = net.clone();
+                        let fits = ctx.fit(&mut got, var);
+                        assert_eq!(fits, expected.is_some(), "{var:?} {net:?}");
+                        let mut want = start.clone();
+                        ctx.set(&mut want, var, expected.unwrap_or(low));
+                        assert_eq!(got, want, "{var:?} from {net:?}");
+                        fitted += usize::from(fits);
+                    }
+                }
+                assert!(fitted > 100, "{family:?} {objective:?}: only {fitted} fits");
+            }
+        }
     }
 
     /// The solver's memoised scoring and budget-only counting agree bit for bit with the
