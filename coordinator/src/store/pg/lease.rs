@@ -51,9 +51,10 @@ impl PgStore {
         Ok(())
     }
 
-    /// Claims in one statement (so one round trip and one commit): touch the worker, pick
-    /// the oldest ready trial skipping rows other claims hold, mark it running, insert the
-    /// attempt. No row back means an unknown worker; a row without a trial, no work.
+    /// Claims in one call of `deepmad_claim` (`migrations/postgres/0005_generic_plans.sql`; one
+    /// statement, so one round trip and one commit): touch the worker, pick the oldest ready
+    /// trial skipping rows other claims hold, mark it running, insert the attempt. No row back
+    /// means an unknown worker; a row without a trial, no work.
     pub(crate) async fn claim(
         &self,
         worker: WorkerId,
@@ -63,44 +64,18 @@ impl PgStore {
         let attempt = AttemptId::new();
         let token = LeaseToken::new();
         let expires_at = after_ms(now, lease_ms);
-        let row = sqlx::query(
-            "WITH worker AS ( \
-                 UPDATE workers SET last_seen_at = $2 WHERE id = $1 RETURNING id), \
-             candidate AS ( \
-                 SELECT t.id FROM trials t \
-                 WHERE t.state = 'queued' AND t.active_sweeps > 0 AND t.not_before <= $2 \
-                     AND EXISTS (SELECT 1 FROM worker) \
-                 ORDER BY t.created_at, t.id LIMIT 1 \
-                 FOR UPDATE OF t SKIP LOCKED), \
-             leased AS ( \
-                 UPDATE trials t SET state = 'running', updated_at = $2 \
-                 FROM candidate WHERE t.id = candidate.id \
-                 RETURNING t.id, t.design_id, t.recipe_json, t.dataset, t.seed, t.task, \
-                     t.parent_trial_id), \
-             attempt AS ( \
-                 INSERT INTO attempts (id, trial_id, worker_id, lease_token, state, leased_at, \
-                     heartbeat_at, lease_expires_at) \
-                 SELECT $3, leased.id, $1, $4, 'running', $2, $2, $5 FROM leased) \
-             SELECT leased.id AS trial_id, leased.design_id, \
-                 d.architecture_json::text AS architecture_json, \
-                 leased.recipe_json::text AS recipe_json, leased.dataset, leased.seed, \
-                 leased.task, leased.parent_trial_id, \
-                 (leased.task = 'train' AND EXISTS ( \
-                     SELECT 1 FROM sweep_trials st JOIN sweep_tasks k ON k.sweep_id = st.sweep_id \
-                     WHERE st.trial_id = leased.id)) AS upload_weights \
-             FROM worker LEFT JOIN (leased JOIN designs d ON d.id = leased.design_id) ON true",
-        )
-        .bind(worker.0)
-        .bind(now)
-        .bind(attempt.0)
-        .bind(token.0)
-        .bind(expires_at)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| StoreError::NotFound {
-            what: "worker",
-            id: worker.to_string(),
-        })?;
+        let row = sqlx::query("SELECT * FROM deepmad_claim($1, $2, $3, $4, $5)")
+            .bind(worker.0)
+            .bind(now)
+            .bind(attempt.0)
+            .bind(token.0)
+            .bind(expires_at)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "worker",
+                id: worker.to_string(),
+            })?;
         let Some(trial) = row.try_get::<Option<Uuid>, _>("trial_id")? else {
             return Ok(None);
         };
