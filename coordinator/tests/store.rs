@@ -69,6 +69,7 @@ conformance!(
     export_lists_each_result_of_a_sweep,
     unknown_ids_are_not_found,
     concurrent_workers_never_share_a_trial,
+    a_burst_of_claims_shares_out_the_queue,
     downstream_trials_follow_their_training_trials,
     a_stored_design_is_read_back_by_id,
 );
@@ -1246,6 +1247,68 @@ async fn unknown_ids_are_not_found(store: &Store) {
 
 // ---------------------------------------------------------------------------------------
 // Concurrency.
+
+/// Claims that arrive together (PostgreSQL sends them as one statement): more claims than
+/// queued trials, one from a worker that never registered. Each trial goes to one worker, the
+/// rest get no work, the unknown worker gets `NotFound`, and every lease holds.
+async fn a_burst_of_claims_shares_out_the_queue(store: &Store) {
+    let designs: Vec<NewDesign> = (0..3)
+        .map(|i| design(&format!("b{i}"), "basic", 1_000 + i))
+        .collect();
+    let points: Vec<(f64, Option<&NewDesign>)> = designs.iter().map(|d| (0.3, Some(d))).collect();
+    store
+        .create_sweep(&sweep(&points, &[1]), at(0.0))
+        .await
+        .unwrap();
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        workers.push(worker(store, at(1.0)).await);
+    }
+    let stranger = WorkerId::new();
+    let mut tasks = Vec::new();
+    for id in workers.iter().copied().chain([stranger]) {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            (id, store.claim(id, LEASE_MS, at(2.0)).await)
+        }));
+    }
+    let mut leased = HashSet::new();
+    let mut idle = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            (id, Err(StoreError::NotFound { what, .. })) => {
+                assert_eq!((id, what), (stranger, "worker"));
+            }
+            (id, Ok(Some(lease))) => {
+                assert_ne!(id, stranger);
+                assert!(leased.insert(lease.trial), "{:?} leased twice", lease.trial);
+                assert_eq!(
+                    store
+                        .heartbeat(
+                            lease.attempt,
+                            lease.token,
+                            &Progress::default(),
+                            &[],
+                            LEASE_MS,
+                            at(3.0)
+                        )
+                        .await
+                        .unwrap(),
+                    HeartbeatOutcome::Continue {
+                        expires_at: at(3.0) + Duration::milliseconds(LEASE_MS)
+                    }
+                );
+            }
+            (_, Ok(None)) => idle += 1,
+            (id, other) => panic!("{id:?}: {other:?}"),
+        }
+    }
+    assert_eq!((leased.len(), idle), (3, 5));
+    assert_eq!(
+        store.claim(workers[0], LEASE_MS, at(4.0)).await.unwrap(),
+        None
+    );
+}
 
 async fn concurrent_workers_never_share_a_trial(store: &Store) {
     const WORKERS: usize = 50;

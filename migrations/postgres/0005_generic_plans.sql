@@ -16,40 +16,63 @@ ALTER FUNCTION deepmad_complete(
 ALTER FUNCTION deepmad_queue_downstream(uuid[], uuid, timestamptz)
     SET plan_cache_mode = force_generic_plan;
 
--- The claim as one call (the statement PgStore::claim used to send): touch the worker, pick
--- the oldest ready trial skipping rows other claims hold, mark it running, insert the attempt.
--- No row back means an unknown worker; a row with a null trial_id, no work.
-CREATE FUNCTION deepmad_claim(p_worker uuid, p_now timestamptz, p_attempt uuid, p_token uuid,
-    p_expires timestamptz)
-RETURNS TABLE (trial_id uuid, design_id text, architecture_json text, recipe_json text,
-    dataset text, seed bigint, task text, parent_trial_id uuid, upload_weights boolean)
+-- Claims in batches: every request of the batch in one statement (so one round trip and one
+-- commit for all of them). Per request: touch the worker, pick the oldest ready trial
+-- skipping rows other claims hold, mark it running, insert the attempt. Requests are served
+-- in array order, the earliest request getting the oldest trial; a trial's `not_before` is
+-- compared with the earliest `now` of the batch, so no request leases a trial early. One row
+-- comes back per request (`slot`, from 1): `known` false for an unknown worker, a null
+-- `trial_id` when there was no work for it.
+CREATE FUNCTION deepmad_claim(p_workers uuid[], p_nows timestamptz[], p_attempts uuid[],
+    p_tokens uuid[], p_expires timestamptz[])
+RETURNS TABLE (slot bigint, known boolean, trial_id uuid, design_id text,
+    architecture_json text, recipe_json text, dataset text, seed bigint, task text,
+    parent_trial_id uuid, upload_weights boolean)
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    WITH worker AS (
-        UPDATE workers SET last_seen_at = p_now WHERE id = p_worker RETURNING id),
+    WITH request AS (
+        SELECT r.worker, r.at, r.attempt, r.token, r.expires, r.slot
+        FROM unnest(p_workers, p_nows, p_attempts, p_tokens, p_expires)
+            WITH ORDINALITY AS r(worker, at, attempt, token, expires, slot)),
+    touched AS (
+        UPDATE workers w SET last_seen_at = (SELECT max(at) FROM request)
+        WHERE w.id = ANY (p_workers) RETURNING w.id),
+    eligible AS (
+        SELECT request.*, row_number() OVER (ORDER BY request.slot) AS rank
+        FROM request WHERE request.worker IN (SELECT id FROM touched)),
     candidate AS (
-        SELECT t.id FROM trials t
-        WHERE t.state = 'queued' AND t.active_sweeps > 0 AND t.not_before <= p_now
-            AND EXISTS (SELECT 1 FROM worker)
-        ORDER BY t.created_at, t.id LIMIT 1
-        FOR UPDATE OF t SKIP LOCKED),
+        SELECT c.id, row_number() OVER (ORDER BY c.created_at, c.id) AS rank
+        FROM (SELECT t.id, t.created_at FROM trials t
+            WHERE t.state = 'queued' AND t.active_sweeps > 0
+                AND t.not_before <= (SELECT min(at) FROM request)
+            ORDER BY t.created_at, t.id
+            LIMIT (SELECT count(*) FROM eligible)
+            FOR UPDATE OF t SKIP LOCKED) c),
+    pair AS (
+        SELECT eligible.*, candidate.id AS trial
+        FROM eligible JOIN candidate ON candidate.rank = eligible.rank),
     leased AS (
-        UPDATE trials t SET state = 'running', updated_at = p_now
-        FROM candidate WHERE t.id = candidate.id
-        RETURNING t.id, t.design_id, t.recipe_json, t.dataset, t.seed, t.task,
-            t.parent_trial_id),
+        UPDATE trials t SET state = 'running', updated_at = pair.at
+        FROM pair WHERE t.id = pair.trial
+        RETURNING pair.slot, pair.worker, pair.at, pair.attempt, pair.token, pair.expires,
+            t.id, t.design_id, t.recipe_json, t.dataset, t.seed, t.task, t.parent_trial_id),
     attempt AS (
         INSERT INTO attempts (id, trial_id, worker_id, lease_token, state, leased_at,
             heartbeat_at, lease_expires_at)
-        SELECT p_attempt, leased.id, p_worker, p_token, 'running', p_now, p_now, p_expires
+        SELECT leased.attempt, leased.id, leased.worker, leased.token, 'running', leased.at,
+            leased.at, leased.expires
         FROM leased)
-    SELECT leased.id, leased.design_id, d.architecture_json::text, leased.recipe_json::text,
-        leased.dataset, leased.seed, leased.task, leased.parent_trial_id,
+    SELECT request.slot, request.worker IN (SELECT id FROM touched), leased.id,
+        leased.design_id, d.architecture_json::text, leased.recipe_json::text, leased.dataset,
+        leased.seed, leased.task, leased.parent_trial_id,
         (leased.task = 'train' AND EXISTS (
             SELECT 1 FROM sweep_trials st JOIN sweep_tasks k ON k.sweep_id = st.sweep_id
             WHERE st.trial_id = leased.id))
-    FROM worker LEFT JOIN (leased JOIN designs d ON d.id = leased.design_id) ON true;
+    FROM request
+        LEFT JOIN (leased JOIN designs d ON d.id = leased.design_id)
+            ON leased.slot = request.slot
+    ORDER BY request.slot;
 END
 $fn$;

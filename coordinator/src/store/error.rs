@@ -10,7 +10,7 @@ use thiserror::Error;
 use crate::model::AttemptId;
 
 /// Everything that can go wrong in the store.
-#[derive(Debug, Error)]
+#[derive(Clone, Debug, Error)]
 pub enum StoreError {
     /// The named record does not exist.
     #[error("{what} {id} not found")]

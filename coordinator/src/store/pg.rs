@@ -1,6 +1,7 @@
 //! The PostgreSQL backend: the cluster's store.
 //!
-//! Claims are one statement (`FOR UPDATE SKIP LOCKED`), so many coordinators' workers lease
+//! Claims are one statement (`FOR UPDATE SKIP LOCKED`; concurrent claims of one coordinator
+//! share it, `pg/claims.rs`), so many coordinators' workers lease
 //! from one queue without blocking each other. Every transaction that changes a trial and its
 //! attempts locks the trial row first; sweep-level changes take a transaction-scoped advisory
 //! lock ([`SWEEPS_LOCK`]) so they never interleave. Leaderboard reads take no locks.
@@ -8,6 +9,7 @@
 //! The methods live in `pg/sweeps.rs` (sweeps), `pg/lease.rs` (the work protocol) and
 //! `pg/reads.rs` (leaderboards, histories, counts).
 
+mod claims;
 mod designs;
 mod downstream;
 mod lease;
@@ -29,6 +31,8 @@ const SWEEPS_LOCK: i64 = 0x0064_6565_706d_6164;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The batched claim queue (`pg/claims.rs`).
+    claims: claims::Claims,
 }
 
 impl PgStore {
@@ -40,7 +44,8 @@ impl PgStore {
             .connect(url)
             .await?;
         sqlx::migrate!("../migrations/postgres").run(&pool).await?;
-        Ok(PgStore { pool })
+        let claims = claims::Claims::start(pool.clone());
+        Ok(PgStore { pool, claims })
     }
 
     /// Closes the pool.

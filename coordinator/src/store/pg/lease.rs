@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{upsert_epochs, PgStore};
 use crate::model::{
-    AttemptId, AttemptState, DesignId, FailureClass, LeaseToken, TrialId, TrialState, WorkerId,
+    AttemptId, AttemptState, FailureClass, LeaseToken, TrialId, TrialState, WorkerId,
 };
 use crate::store::assemble::attempt_state;
 use crate::store::rules::{after_failure, after_ms, RetryCounters, Verdict};
@@ -51,50 +51,14 @@ impl PgStore {
         Ok(())
     }
 
-    /// Claims in one call of `deepmad_claim` (`migrations/postgres/0005_generic_plans.sql`; one
-    /// statement, so one round trip and one commit): touch the worker, pick the oldest ready
-    /// trial skipping rows other claims hold, mark it running, insert the attempt. No row back
-    /// means an unknown worker; a row without a trial, no work.
+    /// Claims a trial for `worker` (see `pg/claims.rs`: concurrent claims share a statement).
     pub(crate) async fn claim(
         &self,
         worker: WorkerId,
         lease_ms: i64,
         now: DateTime<Utc>,
     ) -> Result<Option<Lease>, StoreError> {
-        let attempt = AttemptId::new();
-        let token = LeaseToken::new();
-        let expires_at = after_ms(now, lease_ms);
-        let row = sqlx::query("SELECT * FROM deepmad_claim($1, $2, $3, $4, $5)")
-            .bind(worker.0)
-            .bind(now)
-            .bind(attempt.0)
-            .bind(token.0)
-            .bind(expires_at)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound {
-                what: "worker",
-                id: worker.to_string(),
-            })?;
-        let Some(trial) = row.try_get::<Option<Uuid>, _>("trial_id")? else {
-            return Ok(None);
-        };
-        Ok(Some(Lease {
-            attempt,
-            token,
-            trial: TrialId(trial),
-            design_id: DesignId(row.try_get("design_id")?),
-            architecture_json: row.try_get("architecture_json")?,
-            recipe_json: row.try_get("recipe_json")?,
-            dataset: row.try_get("dataset")?,
-            seed: row.try_get("seed")?,
-            expires_at,
-            task: row.try_get("task")?,
-            parent: row
-                .try_get::<Option<Uuid>, _>("parent_trial_id")?
-                .map(TrialId),
-            upload_weights: row.try_get("upload_weights")?,
-        }))
+        self.claims.claim(worker, lease_ms, now).await
     }
 
     pub(crate) async fn heartbeat(
