@@ -113,8 +113,10 @@ async fn run(settings: &BenchSettings, url: &str) -> anyhow::Result<Report> {
         acquire_timeout: Duration::from_secs(60),
     };
     let store = Store::connect_with(url, &pool).await?;
-    // Enough trials for both load phases at well over the target rate.
-    let trials_needed = 6_000 * settings.phase.as_secs().max(1) as usize;
+    // Enough trials for both load phases: the saturated one at up to 10,000 cycles/s, the
+    // paced one at its rate. A worker that finds the queue empty fails the run.
+    let trials_needed =
+        (10_000 + settings.rate as usize) * settings.phase.as_secs().max(1) as usize;
     let started = Instant::now();
     store
         .create_sweep(&load_sweep(trials_needed), Utc::now())
@@ -265,7 +267,7 @@ async fn worker_loop(
         }
         let started = Instant::now();
         let Some(lease) = store.claim(worker.id, LEASE_MS, Utc::now()).await? else {
-            break;
+            anyhow::bail!("the load sweep ran out of trials: the numbers would be short");
         };
         claims.push(started.elapsed());
         let outcome = store

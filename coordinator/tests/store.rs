@@ -70,6 +70,7 @@ conformance!(
     unknown_ids_are_not_found,
     concurrent_workers_never_share_a_trial,
     a_burst_of_claims_shares_out_the_queue,
+    a_burst_of_completions_records_each_once,
     downstream_trials_follow_their_training_trials,
     a_stored_design_is_read_back_by_id,
 );
@@ -1308,6 +1309,80 @@ async fn a_burst_of_claims_shares_out_the_queue(store: &Store) {
         store.claim(workers[0], LEASE_MS, at(4.0)).await.unwrap(),
         None
     );
+}
+
+/// Completions that arrive together (PostgreSQL sends them as one statement, each in its own
+/// subtransaction): three identical reports per lease, each lease with its own number of
+/// epochs, and one forged report. Each trial records once, with its own result and epochs;
+/// the forged report is refused without disturbing the others.
+async fn a_burst_of_completions_records_each_once(store: &Store) {
+    let designs: Vec<NewDesign> = (0..6)
+        .map(|i| design(&format!("d{i}"), "basic", 1_000 + i))
+        .collect();
+    let points: Vec<(f64, Option<&NewDesign>)> = designs.iter().map(|d| (0.3, Some(d))).collect();
+    let new = sweep(&points, &[1]);
+    store.create_sweep(&new, at(0.0)).await.unwrap();
+    let worker = worker(store, at(0.0)).await;
+    let mut leases = Vec::new();
+    for _ in 0..6 {
+        leases.push(claim(store, worker, at(1.0)).await);
+    }
+    let report = |index: usize| {
+        let top1 = 0.5 + 0.05 * index as f64;
+        FinalMetrics {
+            epochs_metrics: (0..=index as i32)
+                .map(|e| epoch(e, top1 - 0.01 * f64::from(e)))
+                .collect(),
+            ..metrics(top1)
+        }
+    };
+    let mut tasks = Vec::new();
+    for (index, lease) in leases.iter().enumerate() {
+        for _ in 0..3 {
+            let (store, lease, report) = (store.clone(), lease.clone(), report(index));
+            tasks.push(tokio::spawn(async move {
+                let outcome = store
+                    .complete(lease.attempt, lease.token, &report, at(2.0))
+                    .await;
+                (index, outcome)
+            }));
+        }
+    }
+    let forged = {
+        let (store, lease) = (store.clone(), leases[0].clone());
+        tokio::spawn(async move {
+            store
+                .complete(lease.attempt, LeaseToken::new(), &metrics(0.1), at(2.0))
+                .await
+        })
+    };
+    let mut recorded = vec![0; leases.len()];
+    for task in tasks {
+        match task.await.unwrap() {
+            (index, Ok(CompleteOutcome::Recorded)) => recorded[index] += 1,
+            (_, Ok(CompleteOutcome::Duplicate)) => {}
+            (index, other) => panic!("lease {index}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        forged.await.unwrap(),
+        Err(StoreError::NotLeaseHolder { .. })
+    ));
+    assert_eq!(recorded, vec![1; leases.len()]);
+    for (index, lease) in leases.iter().enumerate() {
+        let history = store.trial_history(lease.trial).await.unwrap();
+        let want = report(index);
+        assert_eq!(history.state, TrialState::Succeeded);
+        assert_eq!(history.result.expect("a result").top1, want.top1);
+        let epochs: Vec<(i32, f64)> = history.epochs.iter().map(|e| (e.epoch, e.top1)).collect();
+        let want: Vec<(i32, f64)> = want
+            .epochs_metrics
+            .iter()
+            .map(|e| (e.epoch, e.top1))
+            .collect();
+        assert_eq!(epochs, want, "lease {index}'s epochs");
+    }
+    assert_eq!(store.get_sweep(new.id).await.unwrap().counts.succeeded, 6);
 }
 
 async fn concurrent_workers_never_share_a_trial(store: &Store) {

@@ -76,3 +76,48 @@ BEGIN
     ORDER BY request.slot;
 END
 $fn$;
+
+-- Completions in batches: one call completes many attempts, each exactly as deepmad_complete
+-- does and in its own subtransaction, so one completion's failure undoes only itself. One
+-- outcome per completion, in order: deepmad_complete's text, NULL for an unknown attempt,
+-- 'retry' when it must wait for the sweep lock (serialization_failure) or lost a deadlock
+-- against another batch holding the same trials, 'error:SQLSTATE:message' for anything else.
+-- Epoch metrics come flattened: completion i owns the next p_epoch_counts[i] entries.
+-- Batches stay under 64 completions: a transaction with more subtransactions than that
+-- overflows PostgreSQL's per-backend cache of them, which slows every snapshot on the server.
+CREATE FUNCTION deepmad_complete_batch(
+    p_attempts uuid[], p_tokens uuid[], p_nows timestamptz[], p_top1 double precision[],
+    p_top5 double precision[], p_test_loss double precision[],
+    p_train_seconds double precision[], p_epochs integer[], p_dataset_hashes text[],
+    p_checkpoints text[], p_epoch_counts integer[], e_epoch integer[],
+    e_train_loss double precision[], e_test_loss double precision[], e_top1 double precision[],
+    e_top5 double precision[], e_images_per_second double precision[],
+    e_learning_rate double precision[])
+RETURNS text[] LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
+DECLARE
+    v_outcomes text[] := '{}';
+    v_outcome text;
+    v_from integer := 1;
+    v_to integer;
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_attempts, 1), 0) LOOP
+        v_to := v_from + p_epoch_counts[i] - 1;
+        BEGIN
+            v_outcome := deepmad_complete(p_attempts[i], p_tokens[i], p_nows[i], p_top1[i],
+                p_top5[i], p_test_loss[i], p_train_seconds[i], p_epochs[i],
+                p_dataset_hashes[i], p_checkpoints[i], e_epoch[v_from:v_to],
+                e_train_loss[v_from:v_to], e_test_loss[v_from:v_to], e_top1[v_from:v_to],
+                e_top5[v_from:v_to], e_images_per_second[v_from:v_to],
+                e_learning_rate[v_from:v_to]);
+        EXCEPTION
+            WHEN serialization_failure OR deadlock_detected THEN
+                v_outcome := 'retry';
+            WHEN OTHERS THEN
+                v_outcome := 'error:' || SQLSTATE || ':' || SQLERRM;
+        END;
+        v_outcomes := array_append(v_outcomes, v_outcome);
+        v_from := v_to + 1;
+    END LOOP;
+    RETURN v_outcomes;
+END
+$fn$;

@@ -9,7 +9,9 @@
 //! The methods live in `pg/sweeps.rs` (sweeps), `pg/lease.rs` (the work protocol) and
 //! `pg/reads.rs` (leaderboards, histories, counts).
 
+mod batch;
 mod claims;
+mod completions;
 mod designs;
 mod downstream;
 mod lease;
@@ -33,6 +35,8 @@ pub struct PgStore {
     pool: PgPool,
     /// The batched claim queue (`pg/claims.rs`).
     claims: claims::Claims,
+    /// The batched completion queue (`pg/completions.rs`).
+    completions: completions::Completions,
 }
 
 impl PgStore {
@@ -44,8 +48,13 @@ impl PgStore {
             .connect(url)
             .await?;
         sqlx::migrate!("../migrations/postgres").run(&pool).await?;
-        let claims = claims::Claims::start(pool.clone());
-        Ok(PgStore { pool, claims })
+        let claims = claims::start(pool.clone());
+        let completions = completions::start(pool.clone());
+        Ok(PgStore {
+            pool,
+            claims,
+            completions,
+        })
     }
 
     /// Closes the pool.

@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{upsert_epochs, PgStore};
+use super::completions::{Answer, Completion};
+use super::{claims, upsert_epochs, PgStore};
 use crate::model::{
     AttemptId, AttemptState, FailureClass, LeaseToken, TrialId, TrialState, WorkerId,
 };
@@ -21,8 +22,8 @@ use crate::store::types::{
 };
 use crate::store::{FailureReport, StoreError};
 
-/// PostgreSQL's SQLSTATE for serialization_failure.
-const SERIALIZATION_FAILURE: &str = "40001";
+/// How often a completion is tried while the sweep lock is busy.
+const RETRIES: u64 = 50;
 
 /// Most expired attempts one reaper pass handles; the next pass takes the rest.
 const REAP_BATCH: i64 = 1_000;
@@ -58,7 +59,7 @@ impl PgStore {
         lease_ms: i64,
         now: DateTime<Utc>,
     ) -> Result<Option<Lease>, StoreError> {
-        self.claims.claim(worker, lease_ms, now).await
+        claims::claim(&self.claims, worker, lease_ms, now).await
     }
 
     pub(crate) async fn heartbeat(
@@ -110,9 +111,10 @@ impl PgStore {
         Ok(HeartbeatOutcome::Continue { expires_at })
     }
 
-    /// Completes in one call (one round trip, one commit) of `deepmad_complete`
-    /// (`migrations/postgres/0003_sweep_scores.sql`, redefined in `0004_downstream.sql`), with
-    /// the transaction's semantics: lock the trial and attempt rows, decide the outcome on the
+    /// Completes through the completion queue (`pg/completions.rs`: concurrent completions
+    /// share a statement, each in its own subtransaction), with the transaction's semantics
+    /// of `deepmad_complete` (`migrations/postgres/0003_sweep_scores.sql`, redefined in
+    /// `0004_downstream.sql`): lock the trial and attempt rows, decide the outcome on the
     /// locked rows, write what that outcome writes, add a recorded result to its sweeps'
     /// aggregates and queue its downstream trials.
     pub(crate) async fn complete(
@@ -122,58 +124,26 @@ impl PgStore {
         metrics: &FinalMetrics,
         now: DateTime<Utc>,
     ) -> Result<CompleteOutcome, StoreError> {
-        // deepmad_complete fails with serialization_failure, having committed nothing, when
-        // it must queue downstream trials while a sweep-level change holds the sweep lock
+        // A completion answers Retry, having written nothing, when it must queue downstream
+        // trials while a sweep-level change holds the sweep lock
         // (migrations/postgres/0004_downstream.sql): such changes are short, so try again.
-        let mut tries = 0;
-        loop {
-            match self.complete_once(attempt, token, metrics, now).await {
-                Err(sqlx::Error::Database(error))
-                    if error.code().as_deref() == Some(SERIALIZATION_FAILURE) && tries < 50 =>
-                {
-                    tries += 1;
+        for tries in 1..=RETRIES {
+            let completion = Completion {
+                attempt,
+                token,
+                metrics: metrics.clone(),
+                now,
+            };
+            match self.completions.call(completion).await? {
+                Answer::Done(text) => return outcome(text, attempt),
+                Answer::Retry => {
                     tokio::time::sleep(std::time::Duration::from_millis(2 * tries)).await;
                 }
-                Err(error) => return Err(error.into()),
-                Ok(text) => return outcome(text, attempt),
             }
         }
-    }
-
-    /// One call of `deepmad_complete`; returns its outcome text (`None`: unknown attempt).
-    async fn complete_once(
-        &self,
-        attempt: AttemptId,
-        token: LeaseToken,
-        metrics: &FinalMetrics,
-        now: DateTime<Utc>,
-    ) -> Result<Option<String>, sqlx::Error> {
-        let epochs = &metrics.epochs_metrics;
-        let column = |pick: fn(&EpochMetrics) -> f64| epochs.iter().map(pick).collect::<Vec<f64>>();
-        let row = sqlx::query(
-            "SELECT deepmad_complete($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-                 $14, $15, $16, $17) AS outcome",
-        )
-        .bind(attempt.0)
-        .bind(token.0)
-        .bind(now)
-        .bind(metrics.top1)
-        .bind(metrics.top5)
-        .bind(metrics.test_loss)
-        .bind(metrics.train_seconds)
-        .bind(metrics.epochs)
-        .bind(&metrics.dataset_hash)
-        .bind(&metrics.checkpoint)
-        .bind(epochs.iter().map(|e| e.epoch).collect::<Vec<i32>>())
-        .bind(column(|e| e.train_loss))
-        .bind(column(|e| e.test_loss))
-        .bind(column(|e| e.top1))
-        .bind(column(|e| e.top5))
-        .bind(column(|e| e.images_per_second))
-        .bind(column(|e| e.learning_rate))
-        .fetch_one(&self.pool)
-        .await?;
-        row.try_get("outcome")
+        Err(StoreError::Unavailable(format!(
+            "completion of attempt {attempt} still waits for the sweep lock after {RETRIES} tries"
+        )))
     }
 
     pub(crate) async fn fail(
