@@ -83,8 +83,7 @@ async fn upsert_epochs(
     if epochs.is_empty() {
         return Ok(());
     }
-    let column = |pick: fn(&EpochMetrics) -> f64| epochs.iter().map(pick).collect::<Vec<f64>>();
-    sqlx::query(
+    let query = sqlx::query(
         "INSERT INTO epoch_metrics (attempt_id, epoch, trial_id, train_loss, test_loss, top1, \
              top5, images_per_second, learning_rate, recorded_at) \
          SELECT $1, e.epoch, $2, e.train_loss, e.test_loss, e.top1, e.top5, \
@@ -100,17 +99,28 @@ async fn upsert_epochs(
     )
     .bind(attempt.0)
     .bind(trial.0)
-    .bind(now)
-    .bind(epochs.iter().map(|e| e.epoch).collect::<Vec<i32>>())
-    .bind(column(|e| e.train_loss))
-    .bind(column(|e| e.test_loss))
-    .bind(column(|e| e.top1))
-    .bind(column(|e| e.top5))
-    .bind(column(|e| e.images_per_second))
-    .bind(column(|e| e.learning_rate))
-    .execute(conn)
-    .await?;
+    .bind(now);
+    let epochs: Vec<&EpochMetrics> = epochs.iter().collect();
+    bind_epochs(query, &epochs).execute(conn).await?;
     Ok(())
+}
+
+/// Binds epoch metrics as seven arrays in `epoch_metrics`' column order: epoch, train_loss,
+/// test_loss, top1, top5, images_per_second, learning_rate.
+fn bind_epochs<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    epochs: &[&EpochMetrics],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let column =
+        |pick: fn(&EpochMetrics) -> f64| epochs.iter().map(|e| pick(e)).collect::<Vec<f64>>();
+    query
+        .bind(epochs.iter().map(|e| e.epoch).collect::<Vec<i32>>())
+        .bind(column(|e| e.train_loss))
+        .bind(column(|e| e.test_loss))
+        .bind(column(|e| e.top1))
+        .bind(column(|e| e.top5))
+        .bind(column(|e| e.images_per_second))
+        .bind(column(|e| e.learning_rate))
 }
 
 /// Reads a `count(*)` column as the `i64` PostgreSQL returns.

@@ -8,7 +8,10 @@
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPool;
 
+use sqlx::Row;
+
 use super::batch::Batcher;
+use super::bind_epochs;
 use crate::model::{AttemptId, LeaseToken};
 use crate::store::types::{EpochMetrics, FinalMetrics};
 use crate::store::StoreError;
@@ -53,9 +56,7 @@ async fn complete_batch(
         .iter()
         .flat_map(|c| &c.metrics.epochs_metrics)
         .collect();
-    let column =
-        |pick: fn(&EpochMetrics) -> f64| epochs.iter().map(|e| pick(e)).collect::<Vec<f64>>();
-    let outcomes: Vec<Option<String>> = sqlx::query_scalar(
+    let query = sqlx::query(
         "SELECT deepmad_complete_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
              $14, $15, $16, $17, $18)",
     )
@@ -84,16 +85,11 @@ async fn complete_batch(
             .iter()
             .map(|c| c.metrics.epochs_metrics.len() as i32)
             .collect::<Vec<i32>>(),
-    )
-    .bind(epochs.iter().map(|e| e.epoch).collect::<Vec<i32>>())
-    .bind(column(|e| e.train_loss))
-    .bind(column(|e| e.test_loss))
-    .bind(column(|e| e.top1))
-    .bind(column(|e| e.top5))
-    .bind(column(|e| e.images_per_second))
-    .bind(column(|e| e.learning_rate))
-    .fetch_one(&pool)
-    .await?;
+    );
+    let outcomes: Vec<Option<String>> = bind_epochs(query, &epochs)
+        .fetch_one(&pool)
+        .await?
+        .try_get(0)?;
     Ok(outcomes
         .into_iter()
         .map(|outcome| match outcome.as_deref() {
