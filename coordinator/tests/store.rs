@@ -1386,7 +1386,15 @@ async fn a_burst_of_completions_records_each_once(store: &Store) {
 }
 
 async fn concurrent_workers_never_share_a_trial(store: &Store) {
+    workers_share_out_a_sweep(&[store.clone()]).await;
+}
+
+/// 50 workers lease, heartbeat and complete 200 trials concurrently, worker i through
+/// `stores[i % len]` (several stores on one database: several coordinators). No trial is
+/// leased twice and every result counts once.
+async fn workers_share_out_a_sweep(stores: &[Store]) {
     const WORKERS: usize = 50;
+    let store = &stores[0];
     let designs: Vec<NewDesign> = (0..40)
         .map(|i| design(&format!("c{i}"), "basic", 1_000 + i))
         .collect();
@@ -1399,8 +1407,8 @@ async fn concurrent_workers_never_share_a_trial(store: &Store) {
 
     let leases = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
-    for _ in 0..WORKERS {
-        let (store, leases) = (store.clone(), leases.clone());
+    for index in 0..WORKERS {
+        let (store, leases) = (stores[index % stores.len()].clone(), leases.clone());
         tasks.push(tokio::spawn(async move {
             let (idle, epochs, last) = (Progress::default(), [epoch(1, 0.5)], metrics(0.5));
             let worker = worker(&store, at(1.0)).await;
@@ -1773,6 +1781,25 @@ async fn postgres_completion_retries_while_a_sweep_change_holds_the_lock() {
             CompleteOutcome::Recorded
         );
         sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    })
+    .await;
+    db.remove().await;
+    if let Err(error) = outcome {
+        std::panic::resume_unwind(error.into_panic());
+    }
+}
+
+/// Two coordinators on one PostgreSQL database (two stores, each with its own pool and claim
+/// and completion queues): their workers still never share a trial and lose no result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_coordinators_share_one_queue() {
+    let db = TestDb::postgres().await;
+    let url = db.url.clone().expect("a PostgreSQL database");
+    let first = db.store.clone();
+    let outcome = tokio::spawn(async move {
+        let second = Store::connect_with(&url, &test_pool()).await.unwrap();
+        workers_share_out_a_sweep(&[first, second.clone()]).await;
+        second.close().await;
     })
     .await;
     db.remove().await;
