@@ -1386,7 +1386,7 @@ async fn a_burst_of_completions_records_each_once(store: &Store) {
 }
 
 async fn concurrent_workers_never_share_a_trial(store: &Store) {
-    workers_share_out_a_sweep(&[store.clone()]).await;
+    workers_share_out_a_sweep(std::slice::from_ref(store)).await;
 }
 
 /// 50 workers lease, heartbeat and complete 200 trials concurrently, worker i through
