@@ -17,8 +17,8 @@ use crate::store::StoreError;
 /// Most claims one statement carries.
 const MAX_BATCH: usize = 64;
 /// Claim statements in flight at once (each holds a pool connection while it runs). On the
-/// 2-core benchmark machine 2 gave the lowest claim latency at 2,000 claims/s (4: about twice
-/// the p99; 1: lower throughput); more would mostly take connections from completions.
+/// 2-core benchmark machine, measured before completions were batched too, 2 gave the lowest
+/// claim latency at 2,000 claims/s (4: about twice the p99; 1: lower throughput).
 const RUNNERS: usize = 2;
 
 /// One claim: who asks, when, for how long.
