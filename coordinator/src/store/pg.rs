@@ -1,13 +1,14 @@
 //! The PostgreSQL backend: the cluster's store.
 //!
-//! Claims are one statement (`FOR UPDATE SKIP LOCKED`; concurrent claims of one coordinator
-//! share it, `pg/claims.rs`), so many coordinators' workers lease
+//! Claims are one statement (`FOR UPDATE SKIP LOCKED`), so many coordinators' workers lease
 //! from one queue without blocking each other. Every transaction that changes a trial and its
 //! attempts locks the trial row first; sweep-level changes take a transaction-scoped advisory
 //! lock ([`SWEEPS_LOCK`]) so they never interleave. Leaderboard reads take no locks.
 //!
 //! The methods live in `pg/sweeps.rs` (sweeps), `pg/lease.rs` (the work protocol) and
-//! `pg/reads.rs` (leaderboards, histories, counts).
+//! `pg/reads.rs` (leaderboards, histories, counts). Concurrent claims and completions of one
+//! coordinator share statements (group commit): `pg/batch.rs` is the queue, `pg/claims.rs`
+//! and `pg/completions.rs` the two batched calls.
 
 mod batch;
 mod claims;

@@ -404,17 +404,17 @@ impl<'a> Ctx<'a> {
         let (mut good, mut bad);
         if probe(net, current) {
             good = current;
-            let mut step = 1;
+            let mut stride = 1;
             loop {
                 if good == high {
                     // Every level fits.
                     place(net, high);
                     return true;
                 }
-                let next = good.saturating_add(step).min(high);
+                let next = good.saturating_add(stride).min(high);
                 if probe(net, next) {
                     good = next;
-                    step = step.saturating_mul(2);
+                    stride = stride.saturating_mul(2);
                 } else {
                     bad = next;
                     break;
@@ -422,20 +422,20 @@ impl<'a> Ctx<'a> {
             }
         } else {
             bad = current;
-            let mut step = 1;
+            let mut stride = 1;
             loop {
                 if bad == low {
                     // Not even the lowest level fits.
                     place(net, low);
                     return false;
                 }
-                let next = bad.saturating_sub(step).max(low);
+                let next = bad.saturating_sub(stride).max(low);
                 if probe(net, next) {
                     good = next;
                     break;
                 }
                 bad = next;
-                step = step.saturating_mul(2);
+                stride = stride.saturating_mul(2);
             }
         }
         while bad - good > 1 {
