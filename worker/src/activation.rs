@@ -42,7 +42,7 @@ struct Forward(Activation);
 #[derive(Clone, Copy, Debug)]
 struct Backward(Activation);
 
-fn forward_one(activation: Activation, x: f32) -> f32 {
+pub(crate) fn forward_one(activation: Activation, x: f32) -> f32 {
     match activation {
         Activation::Relu => x.max(0.0),
         Activation::Relu6 => x.clamp(0.0, 6.0),
@@ -51,7 +51,7 @@ fn forward_one(activation: Activation, x: f32) -> f32 {
 }
 
 /// The derivative times the output gradient `g` (PyTorch's conventions: 0 at the kinks).
-fn backward_one(activation: Activation, x: f32, g: f32) -> f32 {
+pub(crate) fn backward_one(activation: Activation, x: f32, g: f32) -> f32 {
     match activation {
         Activation::Relu => {
             if x > 0.0 {

@@ -57,10 +57,24 @@ impl ConvBn {
     }
 }
 
+impl ConvBn {
+    /// `act(bn(conv(xs)) + residual)`; BatchNorm, the add and the activation are one op where
+    /// [`BatchNorm2d::forward_act`] can fuse them.
+    pub fn forward_act(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        residual: Option<&Tensor>,
+        activation: Option<Activation>,
+    ) -> candle_core::Result<Tensor> {
+        let ys = conv2d(xs, &self.weight, self.stride, self.padding, self.groups)?;
+        self.bn.forward_act(&ys, train, residual, activation)
+    }
+}
+
 impl ModuleT for ConvBn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let ys = conv2d(xs, &self.weight, self.stride, self.padding, self.groups)?;
-        self.bn.forward_t(&ys, train)
+        self.forward_act(xs, train, None, None)
     }
 }
 
@@ -259,16 +273,16 @@ impl Block {
         activation: Activation,
         train: bool,
     ) -> candle_core::Result<Tensor> {
-        let act = |ys: &Tensor| activate(ys, activation);
+        let act = Some(activation);
         match self {
             Block::Basic {
                 conv1,
                 conv2,
                 shortcut,
             } => {
-                let ys = act(&conv1.forward_t(xs, train)?)?;
-                let ys = conv2.forward_t(&ys, train)?;
-                act(&(ys + shortcut_of(shortcut.as_ref(), xs, train)?)?)
+                let ys = conv1.forward_act(xs, train, None, act)?;
+                let shortcut = shortcut_of(shortcut.as_ref(), xs, train)?;
+                conv2.forward_act(&ys, train, Some(&shortcut), act)
             }
             Block::Bottleneck {
                 conv1,
@@ -276,10 +290,10 @@ impl Block {
                 conv3,
                 shortcut,
             } => {
-                let ys = act(&conv1.forward_t(xs, train)?)?;
-                let ys = act(&conv2.forward_t(&ys, train)?)?;
-                let ys = conv3.forward_t(&ys, train)?;
-                act(&(ys + shortcut_of(shortcut.as_ref(), xs, train)?)?)
+                let ys = conv1.forward_act(xs, train, None, act)?;
+                let ys = conv2.forward_act(&ys, train, None, act)?;
+                let shortcut = shortcut_of(shortcut.as_ref(), xs, train)?;
+                conv3.forward_act(&ys, train, Some(&shortcut), act)
             }
             Block::Mbconv {
                 expand,
@@ -290,17 +304,13 @@ impl Block {
             } => {
                 let mut ys = xs.clone();
                 if let Some(expand) = expand {
-                    ys = act(&expand.forward_t(&ys, train)?)?;
+                    ys = expand.forward_act(&ys, train, None, act)?;
                 }
-                ys = act(&depthwise.forward_t(&ys, train)?)?;
+                ys = depthwise.forward_act(&ys, train, None, act)?;
                 if let Some(squeeze_excite) = squeeze_excite {
                     ys = squeeze_excite.forward(&ys)?;
                 }
-                ys = project.forward_t(&ys, train)?;
-                if *residual {
-                    ys = (ys + xs)?;
-                }
-                Ok(ys)
+                project.forward_act(&ys, train, residual.then_some(xs), None)
             }
         }
     }

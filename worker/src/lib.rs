@@ -19,6 +19,7 @@
 
 pub mod activation;
 pub mod blocks;
+mod bn_act;
 pub mod checkpoint;
 pub mod client;
 pub mod control;

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{Init, Linear, VarBuilder, VarMap};
 use deepmad_design::Network;
 
-use crate::blocks::{activate, Block, BlockPlan, ConvBn, ConvShape};
+use crate::blocks::{Block, BlockPlan, ConvBn, ConvShape};
 use crate::error::WorkerError;
 use crate::init;
 
@@ -191,7 +191,7 @@ impl Model {
     /// the head conv), `(batch, final_channels)`, the classifier's input.
     pub fn features_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let activation = self.network.activation;
-        let mut ys = activate(&self.stem.forward_t(xs, train)?, activation)?;
+        let mut ys = self.stem.forward_act(xs, train, None, Some(activation))?;
         if self.network.stem.max_pool {
             ys = max_pool_3x3_stride_2(&ys)?;
         }
@@ -199,7 +199,7 @@ impl Model {
             ys = block.forward(&ys, activation, train)?;
         }
         if let Some(head) = &self.head {
-            ys = activate(&head.forward_t(&ys, train)?, activation)?;
+            ys = head.forward_act(&ys, train, None, Some(activation))?;
         }
         ys.mean((2, 3))
     }

@@ -6,14 +6,14 @@
 //! Why not candle-nn's `BatchNorm` (whose semantics are the same): its backward pass sums the
 //! gradients of the per-channel broadcasts over batch, height and width at once, which candle's
 //! CPU backend does element by element with an index division each; that was most of a
-//! ResNet-20 training step. On the CPU the training forward here is one custom op whose backward
-//! is written out (Ioffe & Szegedy, 2015, Sec. 3), with every sum taken over trailing
-//! dimensions first. On other devices the same formula runs as plain tensor ops under autograd.
+//! ResNet-20 training step. On the CPU the training pass here is one custom op with a written-out
+//! backward ([`crate::bn_act`], which can also fuse the residual add and the activation that
+//! follow: [`BatchNorm2d::forward_act`]); on CUDA it is cuDNN's. Elsewhere the same formula runs
+//! as plain tensor ops under autograd.
 
-use std::sync::{Arc, Mutex};
-
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Shape, Tensor, Var};
+use candle_core::{DType, ModuleT, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
+use deepmad_design::Activation;
 
 /// PyTorch's default epsilon.
 const EPS: f64 = 1e-5;
@@ -46,11 +46,7 @@ impl BatchNorm2d {
     }
 
     fn forward_train(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (batch, _, height, width) = xs.dims4()?;
-        let count = batch * height * width;
-        if count < 2 {
-            candle_core::bail!("batch norm needs more than one value per channel, got {count}");
-        }
+        let count = self.count(xs)?;
         let kernels = crate::kernels::current();
         let (ys, stats) = train_batch_norm(kernels, xs, &self.weight, &self.bias)?;
         match stats {
@@ -68,6 +64,48 @@ impl BatchNorm2d {
             )?,
         }
         Ok(ys)
+    }
+
+    /// `act(bn(xs) + residual)`: in training mode on the CPU with deepmad's kernels one fused
+    /// op ([`crate::bn_act`]), elsewhere the separate ops.
+    pub fn forward_act(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        residual: Option<&Tensor>,
+        activation: Option<Activation>,
+    ) -> candle_core::Result<Tensor> {
+        let fused = train
+            && crate::kernels::current() == crate::kernels::Kernels::Deepmad
+            && xs.device().is_cpu()
+            && xs.dtype() == DType::F32
+            && residual.is_none_or(|r| r.dtype() == DType::F32);
+        if fused {
+            let count = self.count(xs)?;
+            let (ys, stats) =
+                crate::bn_act::train(xs, &self.weight, &self.bias, residual, activation)?;
+            let (mean, variance) = stats_tensors(stats, xs.device())?;
+            self.update_running_statistics(&mean, &variance, count)?;
+            return Ok(ys);
+        }
+        let mut ys = self.forward_t(xs, train)?;
+        if let Some(residual) = residual {
+            ys = (ys + residual)?;
+        }
+        match activation {
+            Some(activation) => crate::activation::activate(&ys, activation),
+            None => Ok(ys),
+        }
+    }
+
+    /// Values per channel in a batch; at least two are needed for a variance.
+    fn count(&self, xs: &Tensor) -> candle_core::Result<usize> {
+        let (batch, _, height, width) = xs.dims4()?;
+        let count = batch * height * width;
+        if count < 2 {
+            candle_core::bail!("batch norm needs more than one value per channel, got {count}");
+        }
+        Ok(count)
     }
 
     fn update_running_statistics(
@@ -117,21 +155,8 @@ pub(crate) fn train_batch_norm(
 ) -> candle_core::Result<(Tensor, BatchStats)> {
     let deepmad = kernels == crate::kernels::Kernels::Deepmad && xs.dtype() == DType::F32;
     if deepmad && xs.device().is_cpu() {
-        let channels = xs.dim(1)?;
-        let stats = Arc::new(Mutex::new(None));
-        let op = TrainOp {
-            stats: Arc::clone(&stats),
-        };
-        let ys = xs.contiguous()?.apply_op3(weight, bias, op)?;
-        // Cloned, not taken: the backward pass reads the same statistics.
-        let stats = stats
-            .lock()
-            .expect("no panic while holding the lock")
-            .clone();
-        let stats =
-            stats.ok_or_else(|| candle_core::Error::Msg("batch norm ran no forward".into()))?;
-        let mean = Tensor::from_vec(stats.mean, channels, xs.device())?;
-        let variance = Tensor::from_vec(stats.variance, channels, xs.device())?;
+        let (ys, stats) = crate::bn_act::train(xs, weight, bias, None, None)?;
+        let (mean, variance) = stats_tensors(stats, xs.device())?;
         return Ok((ys, BatchStats::Tensors { mean, variance }));
     }
     #[cfg(feature = "cuda")]
@@ -141,6 +166,17 @@ pub(crate) fn train_batch_norm(
     }
     let (ys, mean, variance) = train_batch_norm_generic(xs, weight, bias)?;
     Ok((ys, BatchStats::Tensors { mean, variance }))
+}
+
+fn stats_tensors(
+    stats: crate::bn_act::ChannelStats,
+    device: &candle_core::Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let channels = stats.mean.len();
+    Ok((
+        Tensor::from_vec(stats.mean, channels, device)?,
+        Tensor::from_vec(stats.variance, channels, device)?,
+    ))
 }
 
 /// The same computation as the custom op, as tensor ops (any device, autograd backward).
@@ -170,128 +206,6 @@ impl ModuleT for BatchNorm2d {
         } else {
             self.forward_eval(xs)
         }
-    }
-}
-
-/// Per-channel statistics of one batch.
-#[derive(Clone, Debug)]
-struct ChannelStats {
-    mean: Vec<f32>,
-    /// Biased (divided by the count), as used for normalising.
-    variance: Vec<f32>,
-}
-
-/// The training forward on the CPU: `(xs, weight, bias) -> ys`; leaves the batch statistics in
-/// `stats` for the running averages and the backward pass.
-#[derive(Debug)]
-struct TrainOp {
-    stats: Arc<Mutex<Option<ChannelStats>>>,
-}
-
-impl CustomOp3 for TrainOp {
-    fn name(&self) -> &'static str {
-        "deepmad-batch-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xs_layout: &Layout,
-        weight: &CpuStorage,
-        weight_layout: &Layout,
-        bias: &CpuStorage,
-        bias_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let input = contiguous_f32(xs, xs_layout)?;
-        let weight = contiguous_f32(weight, weight_layout)?;
-        let bias = contiguous_f32(bias, bias_layout)?;
-        let (batch, channels, height, width) = xs_layout.shape().dims4()?;
-        let plane = height * width;
-        let count = (batch * plane) as f64;
-        let mut stats = ChannelStats {
-            mean: vec![0.0; channels],
-            variance: vec![0.0; channels],
-        };
-        let planes = |channel: usize| {
-            (0..batch).map(move |image| &input[(image * channels + channel) * plane..][..plane])
-        };
-        for channel in 0..channels {
-            // Two passes in f64: exact enough that the order of the sums does not matter.
-            let sum: f64 = planes(channel).flatten().map(|&v| f64::from(v)).sum();
-            let mean = sum / count;
-            let squares: f64 = planes(channel)
-                .flatten()
-                .map(|&v| (f64::from(v) - mean).powi(2))
-                .sum();
-            stats.mean[channel] = mean as f32;
-            stats.variance[channel] = (squares / count) as f32;
-        }
-        let mut output = vec![0f32; input.len()];
-        for (index, (out, values)) in output
-            .chunks_exact_mut(plane)
-            .zip(input.chunks_exact(plane))
-            .enumerate()
-        {
-            let channel = index % channels;
-            let inv_std = 1.0 / (f64::from(stats.variance[channel]) + EPS).sqrt() as f32;
-            let scale = weight[channel] * inv_std;
-            let shift = bias[channel] - stats.mean[channel] * scale;
-            for (y, &x) in out.iter_mut().zip(values) {
-                *y = x * scale + shift;
-            }
-        }
-        *self.stats.lock().expect("no panic while holding the lock") = Some(stats);
-        Ok((CpuStorage::F32(output), xs_layout.shape().clone()))
-    }
-
-    /// With `x_hat = (x - mean) * inv_std` and `n` values per channel:
-    /// `d_bias = sum(g)`, `d_weight = sum(g * x_hat)`,
-    /// `d_x = weight * inv_std * (g - d_bias / n - x_hat * d_weight / n)`.
-    fn bwd(
-        &self,
-        xs: &Tensor,
-        weight: &Tensor,
-        _bias: &Tensor,
-        _ys: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (batch, channels, height, width) = xs.dims4()?;
-        let count = (batch * height * width) as f64;
-        let stats = self
-            .stats
-            .lock()
-            .expect("no panic while holding the lock")
-            .clone();
-        let stats =
-            stats.ok_or_else(|| candle_core::Error::Msg("batch norm ran no forward".into()))?;
-        let per_channel =
-            |values: Vec<f32>| Tensor::from_vec(values, (1, channels, 1, 1), xs.device());
-        let mean = per_channel(stats.mean)?;
-        let inv_std = per_channel(stats.variance)?
-            .affine(1.0, EPS)?
-            .sqrt()?
-            .recip()?;
-        let x_hat = xs.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
-        let channel_sum = |t: &Tensor| -> candle_core::Result<Tensor> { t.sum(3)?.sum(2)?.sum(0) };
-        let d_bias = channel_sum(grad)?;
-        let d_weight = channel_sum(&(grad * &x_hat)?)?;
-        let shape = (1, channels, 1, 1);
-        let correction = x_hat
-            .broadcast_mul(&(d_weight.reshape(shape)? / count)?)?
-            .broadcast_add(&(d_bias.reshape(shape)? / count)?)?;
-        let gain = weight.reshape(shape)?.broadcast_mul(&inv_std)?;
-        let d_xs = (grad - correction)?.broadcast_mul(&gain)?;
-        Ok((Some(d_xs), Some(d_weight), Some(d_bias)))
-    }
-}
-
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("batch norm: only f32 tensors are supported");
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => Err(candle_core::Error::RequiresContiguous { op: "batch-norm" }),
     }
 }
 

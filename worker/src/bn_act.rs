@@ -1,0 +1,603 @@
+//! BatchNorm's training pass fused with what follows it in every block: an optional residual
+//! add and an optional activation, `act(bn(xs) + residual)`, as one CPU op each way.
+//!
+//! Unfused, a basic block's tail is four autograd nodes (BatchNorm, add, activation, and the
+//! shortcut), and each node costs passes over the whole activation: its own forward, its
+//! backward, and candle's accumulation of every gradient into a fresh zero tensor. Here the
+//! forward is two passes (per-channel statistics, then the output) and the backward two more
+//! (per-plane sums of the activation-masked gradient, then the input gradient). The
+//! pre-activation value is recomputed from the input in the backward pass rather than stored.
+//!
+//! Only used with [`crate::kernels::Kernels::Deepmad`] on the CPU in training mode; elsewhere
+//! [`crate::norm::BatchNorm2d::forward_act`] composes the separate ops, which compute the same
+//! function (the tests compare them).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use deepmad_design::Activation;
+use rayon::prelude::*;
+
+use crate::activation::{backward_one, forward_one};
+
+/// PyTorch's default epsilon (as [`crate::norm`]).
+const EPS: f64 = 1e-5;
+
+/// Per-channel statistics of one batch: the mean and the biased variance.
+#[derive(Clone, Debug)]
+pub(crate) struct ChannelStats {
+    pub(crate) mean: Vec<f32>,
+    pub(crate) variance: Vec<f32>,
+}
+
+/// Returns `act(bn(xs) + residual)` with batch statistics (differentiable in `xs`, `weight`,
+/// `bias` and `residual`) and the batch's statistics. `xs` and `residual` must be f32 CPU
+/// tensors of one `(batch, channels, height, width)` shape.
+pub(crate) fn train(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    activation: Option<Activation>,
+) -> candle_core::Result<(Tensor, ChannelStats)> {
+    let stats = Arc::new(Mutex::new(None));
+    let op = BnAct {
+        activation,
+        stats: Arc::clone(&stats),
+    };
+    // One affine tensor (weight, then bias), so that the residual fits in a three-input op.
+    let affine = Tensor::cat(&[weight, bias], 0)?;
+    let xs = xs.contiguous()?;
+    let ys = match residual {
+        Some(residual) => {
+            if residual.shape() != xs.shape() {
+                candle_core::bail!(
+                    "batch norm residual: shape {:?} does not match the input's {:?}",
+                    residual.shape(),
+                    xs.shape()
+                );
+            }
+            xs.apply_op3(&affine, &residual.contiguous()?, op)?
+        }
+        None => xs.apply_op2(&affine, op)?,
+    };
+    let stats = stats
+        .lock()
+        .expect("no panic while holding the lock")
+        .clone()
+        .ok_or_else(|| candle_core::Error::Msg("batch norm ran no forward".into()))?;
+    Ok((ys, stats))
+}
+
+/// The op; `stats` receives the batch statistics from the forward pass, and the backward pass
+/// reads them back.
+#[derive(Debug, Clone)]
+struct BnAct {
+    activation: Option<Activation>,
+    stats: Arc<Mutex<Option<ChannelStats>>>,
+}
+
+/// The gradients from `(input, affine, output gradient)`, in one buffer: the input's gradient,
+/// the weight's, the bias's and, with a residual, the residual's.
+#[derive(Debug, Clone)]
+struct BnActBackward {
+    activation: Option<Activation>,
+    stats: ChannelStats,
+    /// The forward pass's residual input, read to recompute the pre-activation value.
+    residual: Option<Tensor>,
+}
+
+/// The geometry of one activation tensor.
+#[derive(Clone, Copy, Debug)]
+struct Planes {
+    channels: usize,
+    plane: usize,
+    count: usize,
+}
+
+impl Planes {
+    fn of(layout: &Layout) -> candle_core::Result<Planes> {
+        let (batch, channels, height, width) = layout.shape().dims4()?;
+        let count = batch * height * width;
+        if count < 2 {
+            candle_core::bail!("batch norm needs more than one value per channel, got {count}");
+        }
+        Ok(Planes {
+            channels,
+            plane: height * width,
+            count,
+        })
+    }
+}
+
+/// Per-channel `(scale, shift)` so that `bn(x) = x * scale + shift`, and `inv_std`.
+fn affine_terms(stats: &ChannelStats, affine: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let channels = stats.mean.len();
+    let (weight, bias) = affine.split_at(channels);
+    let inv_std: Vec<f32> = stats
+        .variance
+        .iter()
+        .map(|&v| 1.0 / (f64::from(v) + EPS).sqrt() as f32)
+        .collect();
+    let scale: Vec<f32> = weight.iter().zip(&inv_std).map(|(w, s)| w * s).collect();
+    let shift = (0..channels)
+        .map(|c| bias[c] - stats.mean[c] * scale[c])
+        .collect();
+    (scale, shift, inv_std)
+}
+
+/// The batch statistics: per plane, f64 sums of `x - first` and its square (shifted by the
+/// channel's first value, so that the subtraction of squares does not cancel), then per channel
+/// in plane order. Deterministic whatever the threads do.
+fn statistics(input: &[f32], planes: Planes) -> ChannelStats {
+    let Planes {
+        channels,
+        plane,
+        count,
+    } = planes;
+    let origin: Vec<f64> = (0..channels).map(|c| f64::from(input[c * plane])).collect();
+    let sums: Vec<(f64, f64)> = input
+        .par_chunks(plane)
+        .enumerate()
+        .map(|(index, values)| {
+            let origin = origin[index % channels] as f32;
+            lane_sums(values, values, |v, _| {
+                let d = v - origin;
+                (d, d * d)
+            })
+        })
+        .collect();
+    let mut stats = ChannelStats {
+        mean: vec![0.0; channels],
+        variance: vec![0.0; channels],
+    };
+    let n = count as f64;
+    for (c, origin) in origin.iter().enumerate() {
+        let (s, q) = channel_total(&sums, c, channels);
+        let shifted_mean = s / n;
+        stats.mean[c] = (origin + shifted_mean) as f32;
+        stats.variance[c] = (q / n - shifted_mean * shifted_mean).max(0.0) as f32;
+    }
+    stats
+}
+
+/// Lanes of the per-plane sums: wide enough for the compiler to vectorise them.
+const LANES: usize = 16;
+
+/// The sums of both terms of `term(a, b)` over one plane's pairs of values, in f32 lanes,
+/// returned as f64. A plane has at most a few thousand values, so f32 partial sums lose nothing
+/// that matters; planes are added in f64.
+#[inline(always)]
+fn lane_sums(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> (f32, f32)) -> (f64, f64) {
+    debug_assert_eq!(a.len(), b.len());
+    let (mut first, mut second) = ([0f32; LANES], [0f32; LANES]);
+    let (mut a_chunks, mut b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (a, b) in (&mut a_chunks).zip(&mut b_chunks) {
+        for lane in 0..LANES {
+            let (x, y) = term(a[lane], b[lane]);
+            first[lane] += x;
+            second[lane] += y;
+        }
+    }
+    let rest = a_chunks.remainder().iter().zip(b_chunks.remainder());
+    for (lane, (&a, &b)) in rest.enumerate() {
+        let (x, y) = term(a, b);
+        first[lane] += x;
+        second[lane] += y;
+    }
+    let total = |lanes: [f32; LANES]| lanes.iter().map(|&v| f64::from(v)).sum::<f64>();
+    (total(first), total(second))
+}
+
+/// Channel `c`'s total of per-plane pairs, in plane order (deterministic).
+fn channel_total(sums: &[(f64, f64)], c: usize, channels: usize) -> (f64, f64) {
+    sums.iter()
+        .skip(c)
+        .step_by(channels)
+        .fold((0.0, 0.0), |(s, q), pair| (s + pair.0, q + pair.1))
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("batch norm: only f32 tensors are supported");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or(candle_core::Error::RequiresContiguous { op: "batch-norm" })?;
+    Ok(&data[start..end])
+}
+
+impl BnAct {
+    fn forward(
+        &self,
+        input: &[f32],
+        layout: &Layout,
+        affine: &[f32],
+        residual: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let planes = Planes::of(layout)?;
+        if affine.len() != 2 * planes.channels {
+            candle_core::bail!(
+                "batch norm: {} affine values for {} channels",
+                affine.len(),
+                planes.channels
+            );
+        }
+        let stats = statistics(input, planes);
+        let (scale, shift, _) = affine_terms(&stats, affine);
+        let activation = self.activation;
+        let mut output = vec![0f32; input.len()];
+        output
+            .par_chunks_mut(planes.plane)
+            .zip(input.par_chunks(planes.plane))
+            .enumerate()
+            .for_each(|(index, (out, values))| {
+                let c = index % planes.channels;
+                let (scale, shift) = (scale[c], shift[c]);
+                let offset = index * planes.plane;
+                match residual {
+                    Some(residual) => {
+                        let residual = &residual[offset..offset + planes.plane];
+                        for ((y, &x), &r) in out.iter_mut().zip(values).zip(residual) {
+                            *y = activate(activation, x * scale + shift + r);
+                        }
+                    }
+                    None => {
+                        for (y, &x) in out.iter_mut().zip(values) {
+                            *y = activate(activation, x * scale + shift);
+                        }
+                    }
+                }
+            });
+        *self.stats.lock().expect("no panic while holding the lock") = Some(stats);
+        Ok((CpuStorage::F32(output), layout.shape().clone()))
+    }
+
+    fn backward_op(&self, residual: Option<&Tensor>) -> candle_core::Result<BnActBackward> {
+        let stats = self
+            .stats
+            .lock()
+            .expect("no panic while holding the lock")
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("batch norm ran no forward".into()))?;
+        Ok(BnActBackward {
+            activation: self.activation,
+            stats,
+            residual: residual.cloned(),
+        })
+    }
+}
+
+fn activate(activation: Option<Activation>, z: f32) -> f32 {
+    match activation {
+        Some(activation) => forward_one(activation, z),
+        None => z,
+    }
+}
+
+impl CustomOp2 for BnAct {
+    fn name(&self) -> &'static str {
+        "deepmad-batch-norm-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        affine: &CpuStorage,
+        affine_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = f32_slice(xs, xs_layout)?;
+        let affine = f32_slice(affine, affine_layout)?;
+        self.forward(input, xs_layout, affine, None)
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        affine: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = self.backward_op(None)?;
+        let flat = xs.apply_op3_no_bwd(affine, &grad.contiguous()?, &op)?;
+        let (dx, daffine, _) = split(&flat, xs, affine, false)?;
+        Ok((Some(dx), Some(daffine)))
+    }
+}
+
+impl CustomOp3 for BnAct {
+    fn name(&self) -> &'static str {
+        "deepmad-batch-norm-add-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        affine: &CpuStorage,
+        affine_layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = f32_slice(xs, xs_layout)?;
+        let affine = f32_slice(affine, affine_layout)?;
+        let residual = f32_slice(residual, residual_layout)?;
+        self.forward(input, xs_layout, affine, Some(residual))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        affine: &Tensor,
+        residual: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = self.backward_op(Some(residual))?;
+        let flat = xs.apply_op3_no_bwd(affine, &grad.contiguous()?, &op)?;
+        let (dx, daffine, dresidual) = split(&flat, xs, affine, true)?;
+        Ok((Some(dx), Some(daffine), dresidual))
+    }
+}
+
+/// Splits the backward buffer into views: input gradient, affine gradient, residual gradient.
+fn split(
+    flat: &Tensor,
+    xs: &Tensor,
+    affine: &Tensor,
+    residual: bool,
+) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+    let n = xs.elem_count();
+    let dx = flat.narrow(0, 0, n)?.reshape(xs.shape())?;
+    let daffine = flat.narrow(0, n, affine.elem_count())?;
+    let dresidual = residual
+        .then(|| {
+            flat.narrow(0, n + affine.elem_count(), n)?
+                .reshape(xs.shape())
+        })
+        .transpose()?;
+    Ok((dx, daffine, dresidual))
+}
+
+impl BnActBackward {
+    /// With `z = x * scale + shift (+ r)`, `gz = g * act'(z)`, `x_hat = (x - mean) * inv_std`
+    /// and `n` values per channel: `d_bias = sum(gz)`, `d_weight = sum(gz * x_hat)`,
+    /// `d_r = gz`, `d_x = weight * inv_std * (gz - d_bias / n - x_hat * d_weight / n)`
+    /// (Ioffe & Szegedy, 2015, Sec. 3).
+    fn backward(
+        &self,
+        input: &[f32],
+        layout: &Layout,
+        affine: &[f32],
+        residual: Option<&[f32]>,
+        grad: &[f32],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let planes = Planes::of(layout)?;
+        let Planes {
+            channels, plane, ..
+        } = planes;
+        let n = input.len();
+        let (scale, shift, inv_std) = affine_terms(&self.stats, affine);
+        let mean = &self.stats.mean;
+        let activation = self.activation;
+        let mut out = vec![0f32; out_len(n, channels, residual)];
+        let (dx, rest) = out.split_at_mut(n);
+        let (daffine, dresidual) = rest.split_at_mut(2 * channels);
+        // Pass 1: gz per element (into the residual's gradient, or into dx to be finished in
+        // place), and per plane the sums of gz and gz * x_hat.
+        let gz_buffer: &mut [f32] = if residual.is_some() {
+            &mut *dresidual
+        } else {
+            &mut *dx
+        };
+        let sums: Vec<(f64, f64)> = gz_buffer
+            .par_chunks_mut(plane)
+            .enumerate()
+            .map(|(index, gz)| {
+                let c = index % channels;
+                let offset = index * plane;
+                let values = &input[offset..offset + plane];
+                let grads = &grad[offset..offset + plane];
+                let (scale, shift, mean) = (scale[c], shift[c], mean[c]);
+                match (activation, residual) {
+                    (None, _) => gz.copy_from_slice(grads),
+                    (Some(activation), None) => {
+                        for ((g, &x), &grad) in gz.iter_mut().zip(values).zip(grads) {
+                            *g = backward_one(activation, x * scale + shift, grad);
+                        }
+                    }
+                    (Some(activation), Some(residual)) => {
+                        let residual = &residual[offset..offset + plane];
+                        let terms = gz.iter_mut().zip(values).zip(grads).zip(residual);
+                        for (((g, &x), &grad), &r) in terms {
+                            *g = backward_one(activation, x * scale + shift + r, grad);
+                        }
+                    }
+                }
+                lane_sums(gz, values, |g, x| (g, g * (x - mean)))
+            })
+            .collect();
+        let (dweight, dbias) = daffine.split_at_mut(channels);
+        for c in 0..channels {
+            let (sum, dot) = channel_total(&sums, c, channels);
+            dbias[c] = sum as f32;
+            dweight[c] = (dot * f64::from(inv_std[c])) as f32;
+        }
+        // Pass 2: dx from gz, where gz is the residual's gradient or dx itself (each element
+        // is read before it is overwritten).
+        let count = planes.count as f32;
+        let weight = &affine[..channels];
+        let dresidual = &*dresidual;
+        dx.par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(index, dx)| {
+                let c = index % channels;
+                let offset = index * plane;
+                let values = &input[offset..offset + plane];
+                let gz = residual.map(|_| &dresidual[offset..offset + plane]);
+                let gain = weight[c] * inv_std[c];
+                let (mean_g, mean_gx) = (dbias[c] / count, dweight[c] / count);
+                let (inv, mu) = (inv_std[c], mean[c]);
+                for i in 0..plane {
+                    let g = gz.map_or(dx[i], |gz| gz[i]);
+                    let x_hat = (values[i] - mu) * inv;
+                    dx[i] = gain * (g - mean_g - x_hat * mean_gx);
+                }
+            });
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from(out_len(n, channels, residual)),
+        ))
+    }
+}
+
+fn out_len(n: usize, channels: usize, residual: Option<&[f32]>) -> usize {
+    n + 2 * channels + residual.map_or(0, |_| n)
+}
+
+impl CustomOp3 for BnActBackward {
+    fn name(&self) -> &'static str {
+        "deepmad-batch-norm-act-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        affine: &CpuStorage,
+        affine_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = f32_slice(xs, xs_layout)?;
+        let affine = f32_slice(affine, affine_layout)?;
+        let grad = f32_slice(grad, grad_layout)?;
+        match &self.residual {
+            None => self.backward(input, xs_layout, affine, None, grad),
+            Some(residual) => {
+                // The forward pass made it contiguous, on the CPU.
+                let (storage, layout) = residual.storage_and_layout();
+                let candle_core::Storage::Cpu(storage) = &*storage else {
+                    candle_core::bail!("batch norm backward: the residual is not on the CPU");
+                };
+                let residual = f32_slice(storage, layout)?;
+                self.backward(input, xs_layout, affine, Some(residual), grad)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::kernels::Kernels;
+
+    const SHAPE: (usize, usize, usize, usize) = (3, 4, 5, 5);
+
+    fn pattern(seed: u64, scale: f32) -> Vec<f32> {
+        (0..300u64)
+            .map(|i| {
+                let x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ seed.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                (((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        let difference = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        difference.max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The fused op equals BatchNorm, add and activation as separate stock ops: output,
+    /// statistics, and the gradients of input, weight, bias and residual, for every activation
+    /// with and without a residual. Inputs span ReLU6's upper kink too.
+    #[test]
+    fn matches_the_separate_ops() {
+        let device = Device::Cpu;
+        let xs = Var::from_vec(pattern(1, 3.0), SHAPE, &device).unwrap();
+        let residual = Var::from_vec(pattern(2, 4.0), SHAPE, &device).unwrap();
+        let loss_weights = Tensor::from_vec(pattern(3, 1.0), SHAPE, &device).unwrap();
+        let weight = Var::from_vec(vec![0.5f32, 1.5, -1.0, 4.0], 4, &device).unwrap();
+        let bias = Var::from_vec(vec![0.1f32, -0.2, 0.3, 2.0], 4, &device).unwrap();
+        let activations = [
+            None,
+            Some(Activation::Relu),
+            Some(Activation::Relu6),
+            Some(Activation::Silu),
+        ];
+        for activation in activations {
+            for with_residual in [false, true] {
+                let r = with_residual.then(|| residual.as_tensor());
+                let case = format!("{activation:?}, residual {with_residual}");
+                let (w, b) = (weight.as_tensor(), bias.as_tensor());
+                let (fused, stats) = train(xs.as_tensor(), w, b, r, activation).unwrap();
+                let (mut reference, reference_stats) =
+                    crate::norm::train_batch_norm(Kernels::Stock, xs.as_tensor(), w, b).unwrap();
+                if let Some(r) = r {
+                    reference = (reference + r).unwrap();
+                }
+                if let Some(activation) = activation {
+                    reference =
+                        crate::activation::activate_with(Kernels::Stock, &reference, activation)
+                            .unwrap();
+                }
+                assert!(max_difference(&fused, &reference) < 1e-5, "{case}: output");
+                // Irrefutable without the `cuda` feature, whose variant holds cuDNN's statistics.
+                #[allow(irrefutable_let_patterns)]
+                let crate::norm::BatchStats::Tensors { mean, variance } = reference_stats
+                else {
+                    panic!("stock statistics are tensors");
+                };
+                let ours = Tensor::new(stats.mean.as_slice(), &device).unwrap();
+                assert!(max_difference(&ours, &mean) < 1e-6, "{case}: mean");
+                let ours = Tensor::new(stats.variance.as_slice(), &device).unwrap();
+                assert!(max_difference(&ours, &variance) < 1e-5, "{case}: variance");
+                let grads_of = |ys: &Tensor| {
+                    let loss = (ys * &loss_weights).unwrap().sum_all().unwrap();
+                    loss.backward().unwrap()
+                };
+                let (ours, theirs) = (grads_of(&fused), grads_of(&reference));
+                let mut vars = vec![("input", &xs), ("weight", &weight), ("bias", &bias)];
+                if with_residual {
+                    vars.push(("residual", &residual));
+                }
+                for (name, var) in vars {
+                    let a = ours.get(var.as_tensor()).unwrap();
+                    let b = theirs.get(var.as_tensor()).unwrap();
+                    assert!(max_difference(a, b) < 1e-4, "{case}: {name} gradient");
+                }
+                assert!(ours.get(residual.as_tensor()).is_none() || with_residual);
+            }
+        }
+    }
+
+    /// Per-channel statistics stay exact for values far from zero (the shifted sums).
+    #[test]
+    fn statistics_do_not_cancel_for_large_offsets() {
+        let values: Vec<f32> = pattern(4, 1.0).iter().map(|v| v + 1.0e4).collect();
+        let planes = Planes {
+            channels: 4,
+            plane: 25,
+            count: 75,
+        };
+        let stats = statistics(&values, planes);
+        for c in 0..4 {
+            let channel: Vec<f64> = (0..3)
+                .flat_map(|image| &values[(image * 4 + c) * 25..][..25])
+                .map(|&v| f64::from(v))
+                .collect();
+            let mean = channel.iter().sum::<f64>() / 75.0;
+            let variance = channel.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 75.0;
+            assert!((f64::from(stats.mean[c]) - mean).abs() < 1e-3, "mean {c}");
+            assert!(
+                (f64::from(stats.variance[c]) - variance).abs() < 1e-4 * variance,
+                "variance {c}: {} vs {variance}",
+                stats.variance[c]
+            );
+        }
+    }
+}
