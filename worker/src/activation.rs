@@ -42,15 +42,17 @@ struct Forward(Activation);
 #[derive(Clone, Copy, Debug)]
 struct Backward(Activation);
 
+#[inline(always)]
 pub(crate) fn forward_one(activation: Activation, x: f32) -> f32 {
     match activation {
         Activation::Relu => x.max(0.0),
         Activation::Relu6 => x.clamp(0.0, 6.0),
-        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::Silu => x / (1.0 + crate::simd::exp(-x)),
     }
 }
 
 /// The derivative times the output gradient `g` (PyTorch's conventions: 0 at the kinks).
+#[inline(always)]
 pub(crate) fn backward_one(activation: Activation, x: f32, g: f32) -> f32 {
     match activation {
         Activation::Relu => {
@@ -68,9 +70,38 @@ pub(crate) fn backward_one(activation: Activation, x: f32, g: f32) -> f32 {
             }
         }
         Activation::Silu => {
-            let s = 1.0 / (1.0 + (-x).exp());
+            let s = 1.0 / (1.0 + crate::simd::exp(-x));
             g * s * (1.0 + x * (1.0 - s))
         }
+    }
+}
+
+crate::simd::multiversion! {
+    fn forward_chunk(activation: Activation, ys: &mut [f32], xs: &[f32]) {
+        // One loop per activation, so that each vectorises.
+        match activation {
+            Activation::Relu => apply(ys, xs, |x| forward_one(Activation::Relu, x)),
+            Activation::Relu6 => apply(ys, xs, |x| forward_one(Activation::Relu6, x)),
+            Activation::Silu => apply(ys, xs, |x| forward_one(Activation::Silu, x)),
+        }
+    }
+}
+
+crate::simd::multiversion! {
+    fn backward_chunk(activation: Activation, out: &mut [f32], xs: &[f32], grad: &[f32]) {
+        let terms = out.iter_mut().zip(xs).zip(grad);
+        match activation {
+            Activation::Relu => terms.for_each(|((o, &x), &g)| *o = backward_one(Activation::Relu, x, g)),
+            Activation::Relu6 => terms.for_each(|((o, &x), &g)| *o = backward_one(Activation::Relu6, x, g)),
+            Activation::Silu => terms.for_each(|((o, &x), &g)| *o = backward_one(Activation::Silu, x, g)),
+        }
+    }
+}
+
+#[inline(always)]
+fn apply(ys: &mut [f32], xs: &[f32], f: impl Fn(f32) -> f32) {
+    for (y, &x) in ys.iter_mut().zip(xs) {
+        *y = f(x);
     }
 }
 
@@ -113,11 +144,7 @@ impl CustomOp1 for Forward {
         let mut ys = vec![0f32; xs.len()];
         ys.par_chunks_mut(CHUNK)
             .zip(xs.par_chunks(CHUNK))
-            .for_each(|(ys, xs)| {
-                for (y, x) in ys.iter_mut().zip(xs) {
-                    *y = forward_one(self.0, *x);
-                }
-            });
+            .for_each(|(ys, xs)| forward_chunk(self.0, ys, xs));
         Ok((CpuStorage::F32(ys), layout.shape().clone()))
     }
 
@@ -171,11 +198,7 @@ impl CustomOp2 for Backward {
         let mut out = vec![0f32; xs.len()];
         out.par_chunks_mut(CHUNK)
             .zip(xs.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK)))
-            .for_each(|(out, (xs, grad))| {
-                for ((o, x), g) in out.iter_mut().zip(xs).zip(grad) {
-                    *o = backward_one(self.0, *x, *g);
-                }
-            });
+            .for_each(|(out, (xs, grad))| backward_chunk(self.0, out, xs, grad));
         Ok((CpuStorage::F32(out), xs_layout.shape().clone()))
     }
 

@@ -139,13 +139,7 @@ fn statistics(input: &[f32], planes: Planes) -> ChannelStats {
     let sums: Vec<(f64, f64)> = input
         .par_chunks(plane)
         .enumerate()
-        .map(|(index, values)| {
-            let origin = origin[index % channels] as f32;
-            lane_sums(values, values, |v, _| {
-                let d = v - origin;
-                (d, d * d)
-            })
-        })
+        .map(|(index, values)| plane_moments(values, origin[index % channels] as f32))
         .collect();
     let mut stats = ChannelStats {
         mean: vec![0.0; channels],
@@ -233,21 +227,9 @@ impl BnAct {
             .enumerate()
             .for_each(|(index, (out, values))| {
                 let c = index % planes.channels;
-                let (scale, shift) = (scale[c], shift[c]);
                 let offset = index * planes.plane;
-                match residual {
-                    Some(residual) => {
-                        let residual = &residual[offset..offset + planes.plane];
-                        for ((y, &x), &r) in out.iter_mut().zip(values).zip(residual) {
-                            *y = activate(activation, x * scale + shift + r);
-                        }
-                    }
-                    None => {
-                        for (y, &x) in out.iter_mut().zip(values) {
-                            *y = activate(activation, x * scale + shift);
-                        }
-                    }
-                }
+                let residual = residual.map(|r| &r[offset..offset + planes.plane]);
+                forward_plane(out, values, residual, (scale[c], shift[c]), activation);
             });
         *self.stats.lock().expect("no panic while holding the lock") = Some(stats);
         Ok((CpuStorage::F32(output), layout.shape().clone()))
@@ -268,10 +250,108 @@ impl BnAct {
     }
 }
 
-fn activate(activation: Option<Activation>, z: f32) -> f32 {
-    match activation {
-        Some(activation) => forward_one(activation, z),
-        None => z,
+crate::simd::multiversion! {
+    /// One plane of the output: `act(x * scale + shift + r)`.
+    fn forward_plane(
+        out: &mut [f32],
+        values: &[f32],
+        residual: Option<&[f32]>,
+        affine: (f32, f32),
+        activation: Option<Activation>,
+    ) {
+        let (scale, shift) = affine;
+        // One loop per case, so that each vectorises.
+        match (activation, residual) {
+            (None, None) => map_plane(out, values, values, |x, _| x * scale + shift),
+            (None, Some(r)) => map_plane(out, values, r, |x, r| x * scale + shift + r),
+            (Some(Activation::Relu), None) => {
+                map_plane(out, values, values, |x, _| (x * scale + shift).max(0.0))
+            }
+            (Some(Activation::Relu), Some(r)) => {
+                map_plane(out, values, r, |x, r| (x * scale + shift + r).max(0.0))
+            }
+            (Some(act), None) => map_plane(out, values, values, |x, _| {
+                forward_one(act, x * scale + shift)
+            }),
+            (Some(act), Some(r)) => map_plane(out, values, r, |x, r| {
+                forward_one(act, x * scale + shift + r)
+            }),
+        }
+    }
+}
+
+/// `out[i] = f(a[i], b[i])`.
+#[inline(always)]
+fn map_plane(out: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
+    for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+        *o = f(a, b);
+    }
+}
+
+crate::simd::multiversion! {
+    /// One plane's sums of `x - origin` and its square.
+    fn plane_moments(values: &[f32], origin: f32) -> (f64, f64) {
+        lane_sums(values, values, |v, _| {
+            let d = v - origin;
+            (d, d * d)
+        })
+    }
+}
+
+crate::simd::multiversion! {
+    /// One plane of the backward's first pass: `gz = g * act'(z)` with
+    /// `z = x * scale + shift + r`, and the sums of `gz` and `gz * (x - mean)`.
+    fn gradient_plane(
+        gz: &mut [f32],
+        values: &[f32],
+        grads: &[f32],
+        residual: Option<&[f32]>,
+        terms: (f32, f32, f32),
+        activation: Option<Activation>,
+    ) -> (f64, f64) {
+        let (scale, shift, mean) = terms;
+        match (activation, residual) {
+            (None, _) => gz.copy_from_slice(grads),
+            (Some(act), None) => {
+                for ((g, &x), &grad) in gz.iter_mut().zip(values).zip(grads) {
+                    *g = backward_one(act, x * scale + shift, grad);
+                }
+            }
+            (Some(act), Some(residual)) => {
+                let terms = gz.iter_mut().zip(values).zip(grads).zip(residual);
+                for (((g, &x), &grad), &r) in terms {
+                    *g = backward_one(act, x * scale + shift + r, grad);
+                }
+            }
+        }
+        lane_sums(gz, values, |g, x| (g, g * (x - mean)))
+    }
+}
+
+crate::simd::multiversion! {
+    /// One plane of the backward's second pass:
+    /// `dx = gain * (gz - mean_g - (x - mu) * inv * mean_gx)`, with `gz` in `dx` itself
+    /// unless given.
+    fn input_gradient_plane(
+        dx: &mut [f32],
+        values: &[f32],
+        gz: Option<&[f32]>,
+        means: (f32, f32, f32),
+        normalise: (f32, f32),
+    ) {
+        let ((gain, mean_g, mean_gx), (mu, inv)) = (means, normalise);
+        match gz {
+            Some(gz) => {
+                for ((d, &x), &g) in dx.iter_mut().zip(values).zip(gz) {
+                    *d = gain * (g - mean_g - (x - mu) * inv * mean_gx);
+                }
+            }
+            None => {
+                for (d, &x) in dx.iter_mut().zip(values) {
+                    *d = gain * (*d - mean_g - (x - mu) * inv * mean_gx);
+                }
+            }
+        }
     }
 }
 
@@ -399,23 +479,9 @@ impl BnActBackward {
                 let offset = index * plane;
                 let values = &input[offset..offset + plane];
                 let grads = &grad[offset..offset + plane];
-                let (scale, shift, mean) = (scale[c], shift[c], mean[c]);
-                match (activation, residual) {
-                    (None, _) => gz.copy_from_slice(grads),
-                    (Some(activation), None) => {
-                        for ((g, &x), &grad) in gz.iter_mut().zip(values).zip(grads) {
-                            *g = backward_one(activation, x * scale + shift, grad);
-                        }
-                    }
-                    (Some(activation), Some(residual)) => {
-                        let residual = &residual[offset..offset + plane];
-                        let terms = gz.iter_mut().zip(values).zip(grads).zip(residual);
-                        for (((g, &x), &grad), &r) in terms {
-                            *g = backward_one(activation, x * scale + shift + r, grad);
-                        }
-                    }
-                }
-                lane_sums(gz, values, |g, x| (g, g * (x - mean)))
+                let residual = residual.map(|r| &r[offset..offset + plane]);
+                let terms = (scale[c], shift[c], mean[c]);
+                gradient_plane(gz, values, grads, residual, terms, activation)
             })
             .collect();
         let (dweight, dbias) = daffine.split_at_mut(channels);
@@ -437,13 +503,8 @@ impl BnActBackward {
                 let values = &input[offset..offset + plane];
                 let gz = residual.map(|_| &dresidual[offset..offset + plane]);
                 let gain = weight[c] * inv_std[c];
-                let (mean_g, mean_gx) = (dbias[c] / count, dweight[c] / count);
-                let (inv, mu) = (inv_std[c], mean[c]);
-                for i in 0..plane {
-                    let g = gz.map_or(dx[i], |gz| gz[i]);
-                    let x_hat = (values[i] - mu) * inv;
-                    dx[i] = gain * (g - mean_g - x_hat * mean_gx);
-                }
+                let means = (gain, dbias[c] / count, dweight[c] / count);
+                input_gradient_plane(dx, values, gz, means, (mean[c], inv_std[c]));
             });
         Ok((
             CpuStorage::F32(out),

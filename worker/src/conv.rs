@@ -678,6 +678,23 @@ impl CustomOp2 for DepthwiseConv {
         let (out_h, out_w) = (w.out_height(), w.out_width());
         let (plane, out_plane, taps) = (w.height * w.width, out_h * out_w, w.kernel * w.kernel);
         let mut ys = vec![0f32; w.batch * w.channels * out_plane];
+        if w.stride == 1 {
+            let padded = Padded::new(&w);
+            ys.par_chunks_mut(out_plane)
+                .zip(input.par_chunks(plane))
+                .enumerate()
+                .for_each_init(
+                    || (padded.buffer(), vec![0f32; padded.span]),
+                    |(buffer, wide), (index, (ys, image))| {
+                        let filter = &weight[(index % w.channels) * taps..][..taps];
+                        padded.fill(buffer, image);
+                        padded.correlate(buffer, filter, wide);
+                        padded.narrow(wide, ys);
+                    },
+                );
+            let shape = (w.batch, w.channels, out_h, out_w).into();
+            return Ok((CpuStorage::F32(ys), shape));
+        }
         ys.par_chunks_mut(out_plane)
             .zip(input.par_chunks(plane))
             .enumerate()
@@ -823,41 +840,61 @@ impl CustomOp3 for DepthwiseBackward {
         let mut grad_xs = vec![0f32; planes * plane];
         // Per plane, its contribution to its channel's filter gradient; summed over images below.
         let mut plane_taps = vec![0f32; planes * taps];
-        grad_xs
-            .par_chunks_mut(plane)
-            .zip(plane_taps.par_chunks_mut(taps))
-            .zip(input.par_chunks(plane).zip(grad_ys.par_chunks(out_plane)))
-            .enumerate()
-            .for_each(|(index, ((grad_x, grad_taps), (image, grad_y)))| {
-                let filter = &weight[(index % w.channels) * taps..][..taps];
-                for ky in 0..w.kernel {
-                    for kx in 0..w.kernel {
-                        let t = ky * w.kernel + kx;
-                        let tap = filter[t];
-                        let mut sum = 0f32;
-                        for_tap_rows(&w, ky, kx, |oy, iy, lo, hi, first| {
-                            let gy = &grad_y[oy * out_w + lo..oy * out_w + hi];
-                            let src = &image[iy * w.width..(iy + 1) * w.width];
-                            let gx = &mut grad_x[iy * w.width..(iy + 1) * w.width];
-                            if w.stride == 1 {
-                                let src = &src[first..first + gy.len()];
-                                let gx = &mut gx[first..first + gy.len()];
-                                for ((g, s), d) in gy.iter().zip(src).zip(gx.iter_mut()) {
-                                    sum += g * s;
-                                    *d += tap * g;
+        if w.stride == 1 {
+            let padded = Padded::new(&w);
+            grad_xs
+                .par_chunks_mut(plane)
+                .zip(plane_taps.par_chunks_mut(taps))
+                .zip(input.par_chunks(plane).zip(grad_ys.par_chunks(out_plane)))
+                .enumerate()
+                .for_each_init(
+                    || (padded.buffer(), padded.buffer(), vec![0f32; padded.span]),
+                    |(buffer, grad_buffer, wide),
+                     (index, ((grad_x, grad_taps), (image, grad_y)))| {
+                        let filter = &weight[(index % w.channels) * taps..][..taps];
+                        padded.fill(buffer, image);
+                        padded.widen(grad_y, wide);
+                        padded.backward(buffer, filter, wide, grad_buffer, grad_taps);
+                        padded.interior(grad_buffer, grad_x);
+                    },
+                );
+        } else {
+            grad_xs
+                .par_chunks_mut(plane)
+                .zip(plane_taps.par_chunks_mut(taps))
+                .zip(input.par_chunks(plane).zip(grad_ys.par_chunks(out_plane)))
+                .enumerate()
+                .for_each(|(index, ((grad_x, grad_taps), (image, grad_y)))| {
+                    let filter = &weight[(index % w.channels) * taps..][..taps];
+                    for ky in 0..w.kernel {
+                        for kx in 0..w.kernel {
+                            let t = ky * w.kernel + kx;
+                            let tap = filter[t];
+                            let mut sum = 0f32;
+                            for_tap_rows(&w, ky, kx, |oy, iy, lo, hi, first| {
+                                let gy = &grad_y[oy * out_w + lo..oy * out_w + hi];
+                                let src = &image[iy * w.width..(iy + 1) * w.width];
+                                let gx = &mut grad_x[iy * w.width..(iy + 1) * w.width];
+                                if w.stride == 1 {
+                                    let src = &src[first..first + gy.len()];
+                                    let gx = &mut gx[first..first + gy.len()];
+                                    for ((g, s), d) in gy.iter().zip(src).zip(gx.iter_mut()) {
+                                        sum += g * s;
+                                        *d += tap * g;
+                                    }
+                                } else {
+                                    for (offset, g) in gy.iter().enumerate() {
+                                        let i = first + offset * w.stride;
+                                        sum += g * src[i];
+                                        gx[i] += tap * g;
+                                    }
                                 }
-                            } else {
-                                for (offset, g) in gy.iter().enumerate() {
-                                    let i = first + offset * w.stride;
-                                    sum += g * src[i];
-                                    gx[i] += tap * g;
-                                }
-                            }
-                        });
-                        grad_taps[t] = sum;
+                            });
+                            grad_taps[t] = sum;
+                        }
                     }
-                }
-            });
+                });
+        }
         let mut grads = grad_xs;
         let mut grad_weight = vec![0f32; w.channels * taps];
         for (index, contribution) in plane_taps.chunks(taps).enumerate() {
@@ -870,6 +907,171 @@ impl CustomOp3 for DepthwiseBackward {
         grads.extend_from_slice(&grad_weight);
         let shape = Shape::from(grads.len());
         Ok((CpuStorage::F32(grads), shape))
+    }
+}
+
+/// One (image, channel) plane of a stride-1 depthwise convolution, zero-padded on every side
+/// and flattened with row length `width + 2 * padding`. On that grid every tap `(ky, kx)` is one
+/// shift, `ky * row + kx`, so the convolution is a sum of long contiguous multiply-adds over a
+/// "wide" output that also holds `row - out_width` junk columns per row, dropped at the end.
+/// With 7x7 filters on 8x8 planes the exact loops ran rows of 2 to 8 values; these run 100.
+struct Padded {
+    w: Windows,
+    /// Row length of the padded plane.
+    row: usize,
+    /// Values of the padded plane.
+    len: usize,
+    /// Values of the wide output: up to the last valid output column.
+    span: usize,
+    /// Per tap, its shift on the padded grid: `ky * row + kx`.
+    shifts: Vec<usize>,
+}
+
+/// Outputs accumulated in registers at once by [`Padded::correlate`].
+const BLOCK: usize = 16;
+
+impl Padded {
+    fn new(w: &Windows) -> Padded {
+        let row = w.width + 2 * w.padding;
+        let rows = w.height + 2 * w.padding;
+        let span = (w.out_height() - 1) * row + w.out_width();
+        let taps = w.kernel * w.kernel;
+        let shifts = (0..taps)
+            .map(|tap| (tap / w.kernel) * row + tap % w.kernel)
+            .collect();
+        Padded {
+            w: *w,
+            row,
+            len: rows * row,
+            span,
+            shifts,
+        }
+    }
+
+    /// A zeroed padded plane; [`Padded::fill`] only ever writes its interior.
+    fn buffer(&self) -> Vec<f32> {
+        vec![0f32; self.len]
+    }
+
+    /// Copies a plane into the interior of a padded buffer.
+    fn fill(&self, buffer: &mut [f32], image: &[f32]) {
+        let (p, width) = (self.w.padding, self.w.width);
+        for (y, line) in image.chunks_exact(width).enumerate() {
+            buffer[(y + p) * self.row + p..][..width].copy_from_slice(line);
+        }
+    }
+
+    /// Copies a padded buffer's interior out to a plane.
+    fn interior(&self, buffer: &[f32], image: &mut [f32]) {
+        let (p, width) = (self.w.padding, self.w.width);
+        for (y, line) in image.chunks_exact_mut(width).enumerate() {
+            line.copy_from_slice(&buffer[(y + p) * self.row + p..][..width]);
+        }
+    }
+
+    /// `wide[i] = sum over taps of filter[t] * buffer[shift(t) + i]`.
+    fn correlate(&self, buffer: &[f32], filter: &[f32], wide: &mut [f32]) {
+        correlate_plane(buffer, filter, &self.shifts, &mut wide[..self.span]);
+    }
+
+    /// Drops the junk columns: the wide output's valid columns into the output plane.
+    fn narrow(&self, wide: &[f32], ys: &mut [f32]) {
+        let out_w = self.w.out_width();
+        for (y, line) in ys.chunks_exact_mut(out_w).enumerate() {
+            line.copy_from_slice(&wide[y * self.row..][..out_w]);
+        }
+    }
+
+    /// The inverse of [`Padded::narrow`]: an output gradient plane onto the wide grid, its
+    /// junk columns zero (they are never written, and the buffer starts zeroed).
+    fn widen(&self, ys: &[f32], wide: &mut [f32]) {
+        let out_w = self.w.out_width();
+        for (y, line) in ys.chunks_exact(out_w).enumerate() {
+            wide[y * self.row..][..out_w].copy_from_slice(line);
+        }
+    }
+
+    /// From the padded input, the filter and the widened output gradient: the padded input
+    /// gradient (its border ends up holding what fell on the padding, to be dropped) and the
+    /// plane's filter gradient.
+    fn backward(
+        &self,
+        buffer: &[f32],
+        filter: &[f32],
+        wide: &[f32],
+        grad_buffer: &mut [f32],
+        grad_taps: &mut [f32],
+    ) {
+        grad_buffer.fill(0.0);
+        let wide = &wide[..self.span];
+        depthwise_backward_plane(buffer, filter, &self.shifts, wide, grad_buffer, grad_taps);
+    }
+}
+
+crate::simd::multiversion! {
+    /// [`Padded::correlate`] in register blocks of [`BLOCK`] outputs.
+    fn correlate_plane(buffer: &[f32], filter: &[f32], shifts: &[usize], wide: &mut [f32]) {
+        let span = wide.len();
+        let mut start = 0;
+        while start < span {
+            let count = BLOCK.min(span - start);
+            let mut acc = [0f32; BLOCK];
+            if count == BLOCK {
+                for (&tap, &shift) in filter.iter().zip(shifts) {
+                    let source = &buffer[shift + start..][..BLOCK];
+                    for j in 0..BLOCK {
+                        acc[j] += tap * source[j];
+                    }
+                }
+            } else {
+                for (&tap, &shift) in filter.iter().zip(shifts) {
+                    let source = &buffer[shift + start..][..count];
+                    for j in 0..count {
+                        acc[j] += tap * source[j];
+                    }
+                }
+            }
+            wide[start..start + count].copy_from_slice(&acc[..count]);
+            start += count;
+        }
+    }
+}
+
+crate::simd::multiversion! {
+    /// [`Padded::backward`]: per tap, the dot product of the wide output gradient with the
+    /// shifted input (the tap's gradient) and the scatter of the output gradient times the tap
+    /// onto the shifted input gradient.
+    fn depthwise_backward_plane(
+        buffer: &[f32],
+        filter: &[f32],
+        shifts: &[usize],
+        wide: &[f32],
+        grad_buffer: &mut [f32],
+        grad_taps: &mut [f32],
+    ) {
+        let span = wide.len();
+        let terms = filter.iter().zip(shifts).zip(grad_taps.iter_mut());
+        for ((&tap, &shift), grad_tap) in terms {
+            let source = &buffer[shift..shift + span];
+            let target = &mut grad_buffer[shift..shift + span];
+            let mut lanes = [0f32; BLOCK];
+            let mut chunks = wide
+                .chunks_exact(BLOCK)
+                .zip(source.chunks_exact(BLOCK))
+                .zip(target.chunks_exact_mut(BLOCK));
+            for ((g, x), d) in &mut chunks {
+                for j in 0..BLOCK {
+                    lanes[j] += g[j] * x[j];
+                    d[j] += tap * g[j];
+                }
+            }
+            let done = span - span % BLOCK;
+            for i in done..span {
+                lanes[i - done] += wide[i] * source[i];
+                target[i] += tap * wide[i];
+            }
+            *grad_tap = lanes.iter().sum();
+        }
     }
 }
 
@@ -973,6 +1175,7 @@ fn im2col_into(w: &Windows, image: &[f32], cols: &mut [f32], row_stride: usize, 
     }
 }
 
+crate::simd::multiversion! {
 /// Adds one image's columns, laid out as in [`im2col_into`], back onto its pixels (the
 /// adjoint of im2col).
 fn col2im_from(w: &Windows, cols: &[f32], row_stride: usize, offset: usize, image: &mut [f32]) {
@@ -1002,6 +1205,7 @@ fn col2im_from(w: &Windows, cols: &[f32], row_stride: usize, offset: usize, imag
             }
         }
     }
+}
 }
 
 #[cfg(test)]
@@ -1056,6 +1260,9 @@ mod tests {
             (3, 4, 5, 1, 1, 9),
             // Pointwise with one image per product: the image is the columns.
             (4, 6, 1, 1, 1, 23),
+            // Depthwise stride 1 on padded planes, the filter wider than the plane too.
+            (5, 5, 7, 1, 5, 4),
+            (4, 4, 5, 1, 4, 9),
         ];
         for (index, &(cin, cout, k, s, g, side)) in cases.iter().enumerate() {
             // 19 images: more than one group of images per matrix product, the last partial.

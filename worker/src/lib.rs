@@ -42,6 +42,7 @@ pub mod recipe;
 pub mod rng;
 pub mod schedule;
 pub mod settings;
+mod simd;
 pub mod train;
 
 pub use control::{CancellationFlag, Control, NoHooks, StepProgress, StopReason, TrainHooks};
