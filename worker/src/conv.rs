@@ -1152,6 +1152,9 @@ fn valid_range(w: &Windows, tap: usize, len: usize, out_len: usize) -> (usize, u
 /// padding positions keep whatever they held (zero, when the scratch was zeroed once).
 fn im2col_into(w: &Windows, image: &[f32], cols: &mut [f32], row_stride: usize, offset: usize) {
     let (out_h, out_w) = (w.out_height(), w.out_width());
+    if w.stride == 1 && out_h == w.height && out_w == w.width {
+        return im2col_same(w, image, cols, row_stride, offset);
+    }
     let plane = w.height * w.width;
     let rows = w.channels * w.kernel * w.kernel;
     for row_index in 0..rows {
@@ -1170,6 +1173,39 @@ fn im2col_into(w: &Windows, image: &[f32], cols: &mut [f32], row_stride: usize, 
                 for (offset, value) in target.iter_mut().enumerate() {
                     *value = line[x_first + offset * w.stride];
                 }
+            }
+        }
+    }
+}
+
+/// [`im2col_into`] for stride 1 and "same" padding, where each row is the channel's plane
+/// shifted by `(ky - p) * width + (kx - p)`: one long copy per row, then zeros where the shift
+/// ran off the top or bottom (the ends of the row) or wrapped across a side (a few columns per
+/// output row). The general loop copies each output row separately, as many short copies.
+fn im2col_same(w: &Windows, image: &[f32], cols: &mut [f32], row_stride: usize, offset: usize) {
+    let (width, plane, k, p) = (w.width, w.height * w.width, w.kernel, w.padding);
+    for row_index in 0..w.channels * k * k {
+        let row = &mut cols[row_index * row_stride + offset..][..plane];
+        let channel = row_index / (k * k);
+        let (ky, kx) = ((row_index / k) % k, row_index % k);
+        let source = &image[channel * plane..(channel + 1) * plane];
+        let dx = kx as isize - p as isize;
+        let shift = (ky as isize - p as isize) * width as isize + dx;
+        // row[i] = source[i + shift] for i + shift in 0..plane.
+        let lo = (-shift).clamp(0, plane as isize) as usize;
+        let hi = (plane as isize - shift).clamp(lo as isize, plane as isize) as usize;
+        if lo < hi {
+            let start = (lo as isize + shift) as usize;
+            row[lo..hi].copy_from_slice(&source[start..start + (hi - lo)]);
+        }
+        row[..lo].fill(0.0);
+        row[hi..].fill(0.0);
+        // Columns whose tap falls left or right of the image.
+        let (left, right) = (dx.min(0).unsigned_abs(), dx.max(0) as usize);
+        if left + right > 0 {
+            for line in row.chunks_exact_mut(width) {
+                line[..left.min(width)].fill(0.0);
+                line[width - right.min(width)..].fill(0.0);
             }
         }
     }
@@ -1263,6 +1299,8 @@ mod tests {
             // Depthwise stride 1 on padded planes, the filter wider than the plane too.
             (5, 5, 7, 1, 5, 4),
             (4, 4, 5, 1, 4, 9),
+            // A dense filter wider than the image (every shifted row partly off the plane).
+            (2, 3, 5, 1, 1, 3),
         ];
         for (index, &(cin, cout, k, s, g, side)) in cases.iter().enumerate() {
             // 19 images: more than one group of images per matrix product, the last partial.
