@@ -423,9 +423,11 @@ impl CustomOp3 for DenseConvBackward {
                         Operand::row_major(&scratch.grad_y, width)
                     };
                     let cols_stride = if pointwise { pixels } else { width };
-                    // grad_weight (out x rows) += grad_y (out x n) * cols^T (n x rows).
-                    matmul(
-                        (&mut scratch.grad_weight, rows),
+                    // grad_weight (out x rows) += grad_y (out x n) * cols^T (n x rows),
+                    // accumulated column-major (as rows x out): the gemm crate then packs
+                    // grad_y, `out` rows, instead of the columns, `in * k * k` rows.
+                    matmul_strided(
+                        (&mut scratch.grad_weight, 1, out),
                         true,
                         grad_y,
                         Operand::transposed(cols, cols_stride),
@@ -490,11 +492,13 @@ impl CustomOp3 for DenseConvBackward {
                 scratch.grad_weight
             })
             .collect();
+        // The partials are column-major (rows x out); the gradient is (out x rows).
         for partial in partials {
-            grad_weight
-                .iter_mut()
-                .zip(&partial)
-                .for_each(|(a, b)| *a += b);
+            for (r, partial_row) in partial.chunks_exact(out).enumerate() {
+                for (o, value) in partial_row.iter().enumerate() {
+                    grad_weight[o * rows + r] += value;
+                }
+            }
         }
         let shape = Shape::from(grads.len());
         Ok((CpuStorage::F32(grads), shape))
@@ -555,16 +559,33 @@ impl<'a> Operand<'a> {
 
 /// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)`, `dst` row-major with rows `dst.1` apart,
 /// on the calling thread.
-// The gemm crate's entry point takes raw pointers and strides; the asserts make it sound.
-#[allow(unsafe_code)]
 fn matmul(
     (dst, dst_row_stride): (&mut [f32], usize),
     accumulate: bool,
     lhs: Operand,
     rhs: Operand,
+    dims: (usize, usize, usize),
+) {
+    matmul_strided((dst, dst_row_stride, 1), accumulate, lhs, rhs, dims);
+}
+
+/// [`matmul`] with a destination of any strides (`dst.1` between rows, `dst.2` between
+/// columns). The gemm crate computes a column-major destination without transposing the
+/// problem, which decides which operand it packs.
+// The gemm crate's entry point takes raw pointers and strides; the asserts make it sound.
+#[allow(unsafe_code)]
+fn matmul_strided(
+    (dst, dst_row_stride, dst_col_stride): (&mut [f32], usize, usize),
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
     (m, n, k): (usize, usize, usize),
 ) {
-    let dst_view = Operand::row_major(dst, dst_row_stride);
+    let dst_view = Operand {
+        data: dst,
+        row_stride: dst_row_stride,
+        col_stride: dst_col_stride,
+    };
     assert!(
         dst_view.reach(m, n) <= dst.len(),
         "matmul: destination too small"
@@ -587,7 +608,7 @@ fn matmul(
             n,
             k,
             dst.as_mut_ptr(),
-            1,
+            dst_col_stride as isize,
             dst_row_stride as isize,
             accumulate,
             lhs.data.as_ptr(),
