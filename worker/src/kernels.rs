@@ -100,8 +100,9 @@ impl fmt::Display for CheckCase {
 }
 
 /// The shapes the network families use: dense kxk (stem, basic, bottleneck), 1x1 with and
-/// without stride (projections, MBConv expand / project), depthwise 3x3 and 5x5, odd sides.
-pub const CHECK_CASES: [CheckCase; 8] = [
+/// without stride (projections, MBConv expand / project; on a 24x24 map the CPU kernel uses the
+/// image as its columns), depthwise 3x3, 5x5 and 7x7, odd sides.
+pub const CHECK_CASES: [CheckCase; 10] = [
     case(4, 3, 16, 16, 3, 1, 1),
     case(4, 16, 8, 16, 3, 1, 1),
     case(3, 8, 9, 16, 3, 2, 1),
@@ -110,6 +111,8 @@ pub const CHECK_CASES: [CheckCase; 8] = [
     case(4, 24, 8, 24, 3, 1, 24),
     case(2, 24, 11, 24, 5, 2, 24),
     case(2, 3, 16, 8, 7, 2, 1),
+    case(2, 16, 24, 24, 1, 1, 1),
+    case(2, 16, 8, 16, 7, 1, 16),
 ];
 
 const fn case(
