@@ -55,9 +55,7 @@ impl ConvBn {
             bn,
         })
     }
-}
 
-impl ConvBn {
     /// `act(bn(conv(xs)) + residual)`; BatchNorm, the add and the activation are one op where
     /// [`BatchNorm2d::forward_act`] can fuse them.
     pub fn forward_act(

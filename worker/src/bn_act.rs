@@ -19,9 +19,7 @@ use deepmad_design::Activation;
 use rayon::prelude::*;
 
 use crate::activation::{backward_one, forward_one};
-
-/// PyTorch's default epsilon (as [`crate::norm`]).
-const EPS: f64 = 1e-5;
+use crate::norm::EPS;
 
 /// Per-channel statistics of one batch: the mean and the biased variance.
 #[derive(Clone, Debug)]

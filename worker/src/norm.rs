@@ -16,7 +16,7 @@ use candle_nn::{Init, VarBuilder};
 use deepmad_design::Activation;
 
 /// PyTorch's default epsilon.
-const EPS: f64 = 1e-5;
+pub(crate) const EPS: f64 = 1e-5;
 
 /// BatchNorm with an affine transform: `{vb}.weight`, `{vb}.bias` and the buffers
 /// `{vb}.running_mean`, `{vb}.running_var`.
