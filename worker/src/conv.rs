@@ -7,10 +7,13 @@
 //! - dense convolutions on the CPU: `DenseConv`, per group of images an im2col into a per-thread
 //!   scratch buffer and one matrix product with the `(out, in * k * k)` weight (the gemm crate
 //!   candle uses, single-threaded, images spread over the threads); the backward pass is two
-//!   products and a col2im per group, the weight gradient accumulated per contiguous slice of
-//!   groups and the slices summed in order (bit-reproducible whatever the thread timing);
-//! - depthwise convolutions on the CPU: `DepthwiseConv`, a direct loop per (image, channel)
-//!   plane and tap, forward and backward, with no columns;
+//!   products per group, the weight gradient accumulated per contiguous slice of groups and the
+//!   slices summed in order (bit-reproducible whatever the thread timing), the input gradient
+//!   as a convolution of the output gradient for stride 1 and as a product and a col2im
+//!   otherwise;
+//! - depthwise convolutions on the CPU: `DepthwiseConv`, with no columns: for stride 1 on
+//!   zero-padded planes where each tap is one long multiply-add (`Padded`), otherwise a direct
+//!   loop per (image, channel) plane and tap, forward and backward;
 //! - every convolution on CUDA (with the `cuda` feature): cuDNN in all three passes
 //!   (`cudnn.rs`); with `DEEPMAD_DEPTHWISE=deepmad`, depthwise ones go to deepmad's own
 //!   kernels instead (not yet run on a GPU, see `own_depthwise_kernels`);
