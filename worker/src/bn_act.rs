@@ -189,14 +189,9 @@ fn channel_total(sums: &[(f64, f64)], c: usize, channels: usize) -> (f64, f64) {
         .fold((0.0, 0.0), |(s, q), pair| (s + pair.0, q + pair.1))
 }
 
+/// An f32 CPU tensor's contiguous values ([`crate::conv::contiguous_f32`] named for this op).
 fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("batch norm: only f32 tensors are supported");
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or(candle_core::Error::RequiresContiguous { op: "batch-norm" })?;
-    Ok(&data[start..end])
+    crate::conv::contiguous_f32(storage, layout, "batch-norm")
 }
 
 impl BnAct {

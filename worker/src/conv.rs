@@ -1144,7 +1144,8 @@ fn columns_with_tensor_ops(xs: &Tensor, windows: Windows) -> candle_core::Result
     Tensor::stack(&slices, 2)?.reshape(windows.cols_shape())
 }
 
-fn contiguous_f32<'a>(
+/// The values of a contiguous f32 CPU tensor; other types and layouts are errors naming `op`.
+pub(crate) fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     op: &'static str,
