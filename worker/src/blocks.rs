@@ -9,7 +9,6 @@ use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::{Init, VarBuilder};
 use deepmad_design::{Activation, BlockKind, Mid, Stage};
 
-use crate::conv::conv2d;
 use crate::norm::BatchNorm2d;
 
 /// A convolution without bias followed by BatchNorm (no activation).
@@ -56,8 +55,8 @@ impl ConvBn {
         })
     }
 
-    /// `act(bn(conv(xs)) + residual)`; BatchNorm, the add and the activation are one op where
-    /// [`BatchNorm2d::forward_act`] can fuse them.
+    /// `act(bn(conv(xs)) + residual)`; all of it one op where
+    /// [`BatchNorm2d::conv_forward_act`] can fuse it.
     pub fn forward_act(
         &self,
         xs: &Tensor,
@@ -65,8 +64,9 @@ impl ConvBn {
         residual: Option<&Tensor>,
         activation: Option<Activation>,
     ) -> candle_core::Result<Tensor> {
-        let ys = conv2d(xs, &self.weight, self.stride, self.padding, self.groups)?;
-        self.bn.forward_act(&ys, train, residual, activation)
+        let conv = (&self.weight, self.stride, self.padding, self.groups);
+        self.bn
+            .conv_forward_act(xs, conv, train, residual, activation)
     }
 }
 

@@ -87,15 +87,15 @@ struct BnActBackward {
 
 /// The geometry of one activation tensor.
 #[derive(Clone, Copy, Debug)]
-struct Planes {
+pub(crate) struct Planes {
     channels: usize,
     plane: usize,
     count: usize,
 }
 
 impl Planes {
-    fn of(layout: &Layout) -> candle_core::Result<Planes> {
-        let (batch, channels, height, width) = layout.shape().dims4()?;
+    pub(crate) fn of(shape: &Shape) -> candle_core::Result<Planes> {
+        let (batch, channels, height, width) = shape.dims4()?;
         let count = batch * height * width;
         if count < 2 {
             candle_core::bail!("batch norm needs more than one value per channel, got {count}");
@@ -202,28 +202,8 @@ impl BnAct {
         affine: &[f32],
         residual: Option<&[f32]>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let planes = Planes::of(layout)?;
-        if affine.len() != 2 * planes.channels {
-            candle_core::bail!(
-                "batch norm: {} affine values for {} channels",
-                affine.len(),
-                planes.channels
-            );
-        }
-        let stats = statistics(input, planes);
-        let (scale, shift, _) = affine_terms(&stats, affine);
-        let activation = self.activation;
-        let mut output = vec![0f32; input.len()];
-        output
-            .par_chunks_mut(planes.plane)
-            .zip(input.par_chunks(planes.plane))
-            .enumerate()
-            .for_each(|(index, (out, values))| {
-                let c = index % planes.channels;
-                let offset = index * planes.plane;
-                let residual = residual.map(|r| &r[offset..offset + planes.plane]);
-                forward_plane(out, values, residual, (scale[c], shift[c]), activation);
-            });
+        let planes = Planes::of(layout.shape())?;
+        let (output, stats) = forward_values(input, planes, affine, residual, self.activation)?;
         *self.stats.lock().expect("no panic while holding the lock") = Some(stats);
         Ok((CpuStorage::F32(output), layout.shape().clone()))
     }
@@ -241,6 +221,38 @@ impl BnAct {
             residual: residual.cloned(),
         })
     }
+}
+
+/// `act(bn(input) + residual)` with the batch's statistics, and those statistics: two passes,
+/// parallel over planes.
+pub(crate) fn forward_values(
+    input: &[f32],
+    planes: Planes,
+    affine: &[f32],
+    residual: Option<&[f32]>,
+    activation: Option<Activation>,
+) -> candle_core::Result<(Vec<f32>, ChannelStats)> {
+    if affine.len() != 2 * planes.channels {
+        candle_core::bail!(
+            "batch norm: {} affine values for {} channels",
+            affine.len(),
+            planes.channels
+        );
+    }
+    let stats = statistics(input, planes);
+    let (scale, shift, _) = affine_terms(&stats, affine);
+    let mut output = vec![0f32; input.len()];
+    output
+        .par_chunks_mut(planes.plane)
+        .zip(input.par_chunks(planes.plane))
+        .enumerate()
+        .for_each(|(index, (out, values))| {
+            let c = index % planes.channels;
+            let offset = index * planes.plane;
+            let residual = residual.map(|r| &r[offset..offset + planes.plane]);
+            forward_plane(out, values, residual, (scale[c], shift[c]), activation);
+        });
+    Ok((output, stats))
 }
 
 crate::simd::multiversion! {
@@ -434,10 +446,6 @@ fn split(
 }
 
 impl BnActBackward {
-    /// With `z = x * scale + shift (+ r)`, `gz = g * act'(z)`, `x_hat = (x - mean) * inv_std`
-    /// and `n` values per channel: `d_bias = sum(gz)`, `d_weight = sum(gz * x_hat)`,
-    /// `d_r = gz`, `d_x = weight * inv_std * (gz - d_bias / n - x_hat * d_weight / n)`
-    /// (Ioffe & Szegedy, 2015, Sec. 3).
     fn backward(
         &self,
         input: &[f32],
@@ -446,64 +454,112 @@ impl BnActBackward {
         residual: Option<&[f32]>,
         grad: &[f32],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let planes = Planes::of(layout)?;
-        let Planes {
-            channels, plane, ..
-        } = planes;
+        let planes = Planes::of(layout.shape())?;
         let n = input.len();
-        let (scale, shift, inv_std) = affine_terms(&self.stats, affine);
-        let mean = &self.stats.mean;
-        let activation = self.activation;
-        let mut out = vec![0f32; out_len(n, channels, residual)];
+        let len = out_len(n, planes.channels, residual);
+        let mut out = vec![0f32; len];
         let (dx, rest) = out.split_at_mut(n);
-        let (daffine, dresidual) = rest.split_at_mut(2 * channels);
-        // Pass 1: gz per element (into the residual's gradient, or into dx to be finished in
-        // place), and per plane the sums of gz and gz * x_hat.
-        let gz_buffer: &mut [f32] = if residual.is_some() {
-            &mut *dresidual
-        } else {
-            &mut *dx
+        let (daffine, dresidual) = rest.split_at_mut(2 * planes.channels);
+        let gradients = Gradients {
+            input: dx,
+            affine: daffine,
+            residual: residual.map(|_| dresidual),
         };
-        let sums: Vec<(f64, f64)> = gz_buffer
-            .par_chunks_mut(plane)
-            .enumerate()
-            .map(|(index, gz)| {
-                let c = index % channels;
-                let offset = index * plane;
-                let values = &input[offset..offset + plane];
-                let grads = &grad[offset..offset + plane];
-                let residual = residual.map(|r| &r[offset..offset + plane]);
-                let terms = (scale[c], shift[c], mean[c]);
-                gradient_plane(gz, values, grads, residual, terms, activation)
-            })
-            .collect();
-        let (dweight, dbias) = daffine.split_at_mut(channels);
-        for c in 0..channels {
-            let (sum, dot) = channel_total(&sums, c, channels);
-            dbias[c] = sum as f32;
-            dweight[c] = (dot * f64::from(inv_std[c])) as f32;
-        }
-        // Pass 2: dx from gz, where gz is the residual's gradient or dx itself (each element
-        // is read before it is overwritten).
-        let count = planes.count as f32;
-        let weight = &affine[..channels];
-        let dresidual = &*dresidual;
-        dx.par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(index, dx)| {
-                let c = index % channels;
-                let offset = index * plane;
-                let values = &input[offset..offset + plane];
-                let gz = residual.map(|_| &dresidual[offset..offset + plane]);
-                let gain = weight[c] * inv_std[c];
-                let means = (gain, dbias[c] / count, dweight[c] / count);
-                input_gradient_plane(dx, values, gz, means, (mean[c], inv_std[c]));
-            });
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from(out_len(n, channels, residual)),
-        ))
+        let forward = Forward {
+            input,
+            planes,
+            affine,
+            stats: &self.stats,
+            residual,
+            activation: self.activation,
+        };
+        backward_values(&forward, grad, gradients);
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
+}
+
+/// What [`backward_values`] reads of the forward pass.
+pub(crate) struct Forward<'a> {
+    pub(crate) input: &'a [f32],
+    pub(crate) planes: Planes,
+    pub(crate) affine: &'a [f32],
+    pub(crate) stats: &'a ChannelStats,
+    pub(crate) residual: Option<&'a [f32]>,
+    pub(crate) activation: Option<Activation>,
+}
+
+/// Where [`backward_values`] writes: the input's gradient, the affine's (weight, then bias) and,
+/// with a residual, the residual's. Every element is written.
+pub(crate) struct Gradients<'a> {
+    pub(crate) input: &'a mut [f32],
+    pub(crate) affine: &'a mut [f32],
+    pub(crate) residual: Option<&'a mut [f32]>,
+}
+
+/// With `z = x * scale + shift (+ r)`, `gz = g * act'(z)`, `x_hat = (x - mean) * inv_std`
+/// and `n` values per channel: `d_bias = sum(gz)`, `d_weight = sum(gz * x_hat)`,
+/// `d_r = gz`, `d_x = weight * inv_std * (gz - d_bias / n - x_hat * d_weight / n)`
+/// (Ioffe & Szegedy, 2015, Sec. 3).
+pub(crate) fn backward_values(forward: &Forward, grad: &[f32], gradients: Gradients) {
+    let Forward {
+        input,
+        planes,
+        affine,
+        stats,
+        residual,
+        activation,
+    } = *forward;
+    let Planes {
+        channels, plane, ..
+    } = planes;
+    let (scale, shift, inv_std) = affine_terms(stats, affine);
+    let mean = &stats.mean;
+    let Gradients {
+        input: dx,
+        affine: daffine,
+        residual: mut dresidual,
+    } = gradients;
+    // Pass 1: gz per element (into the residual's gradient, or into dx to be finished in
+    // place), and per plane the sums of gz and gz * x_hat.
+    let gz_buffer: &mut [f32] = match dresidual.as_deref_mut() {
+        Some(dresidual) => dresidual,
+        None => &mut *dx,
+    };
+    let sums: Vec<(f64, f64)> = gz_buffer
+        .par_chunks_mut(plane)
+        .enumerate()
+        .map(|(index, gz)| {
+            let c = index % channels;
+            let offset = index * plane;
+            let values = &input[offset..offset + plane];
+            let grads = &grad[offset..offset + plane];
+            let residual = residual.map(|r| &r[offset..offset + plane]);
+            let terms = (scale[c], shift[c], mean[c]);
+            gradient_plane(gz, values, grads, residual, terms, activation)
+        })
+        .collect();
+    let (dweight, dbias) = daffine.split_at_mut(channels);
+    for c in 0..channels {
+        let (sum, dot) = channel_total(&sums, c, channels);
+        dbias[c] = sum as f32;
+        dweight[c] = (dot * f64::from(inv_std[c])) as f32;
+    }
+    // Pass 2: dx from gz, where gz is the residual's gradient or dx itself (each element
+    // is read before it is overwritten).
+    let count = planes.count as f32;
+    let weight = &affine[..channels];
+    let dresidual = dresidual.as_deref();
+    dx.par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(index, dx)| {
+            let c = index % channels;
+            let offset = index * plane;
+            let values = &input[offset..offset + plane];
+            let gz = dresidual.map(|r| &r[offset..offset + plane]);
+            let gain = weight[c] * inv_std[c];
+            let means = (gain, dbias[c] / count, dweight[c] / count);
+            input_gradient_plane(dx, values, gz, means, (mean[c], inv_std[c]));
+        });
 }
 
 fn out_len(n: usize, channels: usize, residual: Option<&[f32]>) -> usize {

@@ -145,6 +145,72 @@ pub fn conv2d_with(
     weight.broadcast_matmul(&cols)?.reshape(out_shape)
 }
 
+/// deepmad's CPU kernels for one convolution, over plain slices: what the convolution ops here
+/// run, and what [`crate::conv_bn`] fuses with BatchNorm.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum CpuConv {
+    Dense(DenseConv),
+    Depthwise(Windows),
+}
+
+impl CpuConv {
+    /// The kernels for `groups` of 1 or depthwise; `None` for other group counts (not a family
+    /// the IR has).
+    pub(crate) fn new(windows: Windows, out_channels: usize, groups: usize) -> Option<CpuConv> {
+        if groups == 1 {
+            Some(CpuConv::Dense(DenseConv {
+                windows,
+                out_channels,
+            }))
+        } else if groups == windows.channels && out_channels == windows.channels {
+            Some(CpuConv::Depthwise(windows))
+        } else {
+            None
+        }
+    }
+
+    /// `(batch, out, out_height, out_width)`.
+    pub(crate) fn output_shape(&self) -> Shape {
+        let (w, out) = match self {
+            CpuConv::Dense(conv) => (conv.windows, conv.out_channels),
+            CpuConv::Depthwise(w) => (*w, w.channels),
+        };
+        (w.batch, out, w.out_height(), w.out_width()).into()
+    }
+
+    /// The output of `input * weight`, row-major.
+    pub(crate) fn forward(&self, input: &[f32], weight: &[f32]) -> Vec<f32> {
+        match self {
+            CpuConv::Dense(conv) => conv.forward_values(input, weight),
+            CpuConv::Depthwise(w) => depthwise_forward(w, input, weight),
+        }
+    }
+
+    /// Writes every element of the weight's gradient and, when given a buffer for it, of the
+    /// input's.
+    pub(crate) fn backward(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        grad_ys: &[f32],
+        grad_xs: Option<&mut [f32]>,
+        grad_weight: &mut [f32],
+    ) {
+        match (self, grad_xs) {
+            (CpuConv::Dense(conv), grad_xs) => {
+                conv.backward_values(input, weight, grad_ys, grad_xs, grad_weight)
+            }
+            (CpuConv::Depthwise(w), Some(grad_xs)) => {
+                depthwise_backward(w, input, weight, grad_ys, grad_xs, grad_weight)
+            }
+            (CpuConv::Depthwise(w), None) => {
+                let mut unused = vec![0f32; input.len()];
+                depthwise_backward(w, input, weight, grad_ys, &mut unused, grad_weight)
+            }
+        }
+    }
+}
+
 /// A dense convolution on the CPU as one op. Images go in groups of [`DenseConv::group`]: the
 /// group's columns side by side in a per-thread scratch matrix (`in * k * k` rows, `group *
 /// pixels` columns), one single-threaded matrix product with the `(out, in * k * k)` weight,
@@ -154,7 +220,7 @@ pub fn conv2d_with(
 /// the backward pass ([`DenseConvBackward`]) accumulates the weight gradient per slice of groups
 /// with the product's `dst += lhs * rhs` instead of a batch-sized tensor reduced afterwards.
 #[derive(Clone, Copy, Debug)]
-struct DenseConv {
+pub(crate) struct DenseConv {
     windows: Windows,
     out_channels: usize,
 }
@@ -217,44 +283,8 @@ impl DenseConv {
         }
     }
 
-    /// The weight for [`DenseConv::transposed_gradient`]: `(in, out, k, k)` with the taps
-    /// reversed, row-major, so row `c` holds `weight[o][c][k-1-ky][k-1-kx]` at
-    /// `o * k * k + ky * k + kx`.
-    fn flipped_weight(&self, weight: &[f32]) -> Vec<f32> {
-        let (k, channels, out) = (
-            self.windows.kernel,
-            self.windows.channels,
-            self.out_channels,
-        );
-        let taps = k * k;
-        let mut flipped = vec![0f32; weight.len()];
-        for o in 0..out {
-            for c in 0..channels {
-                let source = &weight[(o * channels + c) * taps..][..taps];
-                let target = &mut flipped[(c * out + o) * taps..][..taps];
-                for (tap, value) in target.iter_mut().enumerate() {
-                    *value = source[taps - 1 - tap];
-                }
-            }
-        }
-        flipped
-    }
-}
-
-impl CustomOp2 for DenseConv {
-    fn name(&self) -> &'static str {
-        "deepmad-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xs_layout: &Layout,
-        weight: &CpuStorage,
-        weight_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let input = contiguous_f32(xs, xs_layout, "conv2d")?;
-        let weight = contiguous_f32(weight, weight_layout, "conv2d")?;
+    /// The output, `(batch, out, out_height, out_width)` row-major, of `input * weight`.
+    fn forward_values(&self, input: &[f32], weight: &[f32]) -> Vec<f32> {
         let (rows, pixels) = self.dims();
         let (w, out, group) = (self.windows, self.out_channels, self.group());
         let width = group * pixels;
@@ -303,8 +333,50 @@ impl CustomOp2 for DenseConv {
                     }
                 },
             );
-        let shape = (w.batch, out, w.out_height(), w.out_width()).into();
-        Ok((CpuStorage::F32(ys), shape))
+        ys
+    }
+
+    /// The weight for [`DenseConv::transposed_gradient`]: `(in, out, k, k)` with the taps
+    /// reversed, row-major, so row `c` holds `weight[o][c][k-1-ky][k-1-kx]` at
+    /// `o * k * k + ky * k + kx`.
+    fn flipped_weight(&self, weight: &[f32]) -> Vec<f32> {
+        let (k, channels, out) = (
+            self.windows.kernel,
+            self.windows.channels,
+            self.out_channels,
+        );
+        let taps = k * k;
+        let mut flipped = vec![0f32; weight.len()];
+        for o in 0..out {
+            for c in 0..channels {
+                let source = &weight[(o * channels + c) * taps..][..taps];
+                let target = &mut flipped[(c * out + o) * taps..][..taps];
+                for (tap, value) in target.iter_mut().enumerate() {
+                    *value = source[taps - 1 - tap];
+                }
+            }
+        }
+        flipped
+    }
+}
+
+impl CustomOp2 for DenseConv {
+    fn name(&self) -> &'static str {
+        "deepmad-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = contiguous_f32(xs, xs_layout, "conv2d")?;
+        let weight = contiguous_f32(weight, weight_layout, "conv2d")?;
+        let w = self.windows;
+        let shape = (w.batch, self.out_channels, w.out_height(), w.out_width()).into();
+        Ok((CpuStorage::F32(self.forward_values(input, weight)), shape))
     }
 
     fn bwd(
@@ -349,40 +421,63 @@ impl CustomOp3 for DenseConvBackward {
         grad_ys: &CpuStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let conv = self.0;
         let input = contiguous_f32(xs, xs_layout, "conv2d backward")?;
         let weight = contiguous_f32(weight, weight_layout, "conv2d backward")?;
         let grad_ys = contiguous_f32(grad_ys, grad_layout, "conv2d backward")?;
-        let (rows, pixels) = conv.dims();
-        let (w, out, group) = (conv.windows, conv.out_channels, conv.group());
+        let mut grads = vec![0f32; input.len() + weight.len()];
+        let (grad_xs, grad_weight) = grads.split_at_mut(input.len());
+        self.0
+            .backward_values(input, weight, grad_ys, Some(grad_xs), grad_weight);
+        let shape = Shape::from(grads.len());
+        Ok((CpuStorage::F32(grads), shape))
+    }
+}
+
+impl DenseConv {
+    /// Writes the weight's gradient (every element) and, when asked for, the input's, from the
+    /// forward pass's input and weight and the output's gradient.
+    fn backward_values(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        grad_ys: &[f32],
+        grad_xs: Option<&mut [f32]>,
+        grad_weight: &mut [f32],
+    ) {
+        let (rows, pixels) = self.dims();
+        let (w, out, group) = (self.windows, self.out_channels, self.group());
         let width = group * pixels;
-        let image_len = conv.image_len();
-        let (pointwise, transposed) = (conv.pointwise(), conv.transposed_gradient());
-        let gradient_windows = conv.gradient_windows();
-        let flipped = if transposed {
-            conv.flipped_weight(weight)
+        let image_len = self.image_len();
+        let (pointwise, transposed) = (self.pointwise(), self.transposed_gradient());
+        let gradient_windows = self.gradient_windows();
+        let input_gradient = grad_xs.is_some();
+        let flipped = if transposed && input_gradient {
+            self.flipped_weight(weight)
         } else {
             Vec::new()
         };
         let gradient_rows = out * w.kernel * w.kernel;
-        let mut grads = vec![0f32; input.len() + out * rows];
-        let (grad_xs, grad_weight) = grads.split_at_mut(input.len());
         // The weight gradient is a sum over images. Each thread sums a fixed, contiguous slice
         // of the groups in order and the slices' partial sums are added in slice order, so the
         // summation order, and with it every bit of the result, does not depend on which
         // thread ran what (a work-stealing fold would make it vary from run to run).
         let groups = input.len().div_ceil(group * image_len);
         let per_slice = groups.div_ceil(rayon::current_num_threads().clamp(1, groups.max(1)));
-        let partials: Vec<Vec<f32>> = grad_xs
-            .par_chunks_mut(per_slice * group * image_len)
-            .zip(input.par_chunks(per_slice * group * image_len))
+        let slice_len = per_slice * group * image_len;
+        let grad_x_slices: Vec<Option<&mut [f32]>> = match grad_xs {
+            Some(grad_xs) => grad_xs.chunks_mut(slice_len).map(Some).collect(),
+            None => (0..input.len().div_ceil(slice_len)).map(|_| None).collect(),
+        };
+        let partials: Vec<Vec<f32>> = grad_x_slices
+            .into_par_iter()
+            .zip(input.par_chunks(slice_len))
             .zip(grad_ys.par_chunks(per_slice * group * out * pixels))
-            .map(|((grad_xs, input), grad_ys)| {
+            .map(|((mut grad_xs, input), grad_ys)| {
                 let several = group > 1;
                 let mut scratch = BackwardScratch {
                     grad_weight: vec![0f32; out * rows],
                     cols: vec![0f32; if pointwise { 0 } else { rows * width }],
-                    grad_cols: match (pointwise, transposed) {
+                    grad_cols: match (pointwise || !input_gradient, transposed) {
                         (true, _) => Vec::new(),
                         (false, true) => vec![0f32; gradient_rows * width],
                         (false, false) => vec![0f32; rows * width],
@@ -390,18 +485,18 @@ impl CustomOp3 for DenseConvBackward {
                     grad_y: vec![0f32; if several { out * width } else { 0 }],
                     grad_x: vec![
                         0f32;
-                        if several && transposed {
+                        if several && transposed && input_gradient {
                             w.channels * width
                         } else {
                             0
                         }
                     ],
                 };
-                let slices = grad_xs
-                    .chunks_mut(group * image_len)
-                    .zip(input.chunks(group * image_len))
-                    .zip(grad_ys.chunks(group * out * pixels));
-                for ((grad_xs, images), grad_ys) in slices {
+                let groups = input
+                    .chunks(group * image_len)
+                    .zip(grad_ys.chunks(group * out * pixels))
+                    .enumerate();
+                for (index, (images, grad_ys)) in groups {
                     let count = images.len() / image_len;
                     let n = count * pixels;
                     let cols: &[f32] = if pointwise {
@@ -436,6 +531,10 @@ impl CustomOp3 for DenseConvBackward {
                         Operand::transposed(cols, cols_stride),
                         (out, rows, n),
                     );
+                    let Some(grad_xs) = grad_xs.as_deref_mut() else {
+                        continue;
+                    };
+                    let grad_xs = &mut grad_xs[index * group * image_len..][..images.len()];
                     if pointwise {
                         // grad_x (in x pixels) = weight^T (in x out) * grad_y.
                         matmul(
@@ -488,6 +587,7 @@ impl CustomOp3 for DenseConvBackward {
                             (rows, n, out),
                         );
                         for (j, grad_x) in grad_xs.chunks_mut(image_len).enumerate() {
+                            grad_x.fill(0.0);
                             col2im_from(&w, &scratch.grad_cols, width, j * pixels, grad_x);
                         }
                     }
@@ -496,6 +596,7 @@ impl CustomOp3 for DenseConvBackward {
             })
             .collect();
         // The partials are column-major (rows x out); the gradient is (out x rows).
+        grad_weight.fill(0.0);
         for partial in partials {
             for (r, partial_row) in partial.chunks_exact(out).enumerate() {
                 for (o, value) in partial_row.iter().enumerate() {
@@ -503,8 +604,6 @@ impl CustomOp3 for DenseConvBackward {
                 }
             }
         }
-        let shape = Shape::from(grads.len());
-        Ok((CpuStorage::F32(grads), shape))
     }
 }
 
@@ -699,51 +798,8 @@ impl CustomOp2 for DepthwiseConv {
         let input = contiguous_f32(xs, xs_layout, "depthwise conv2d")?;
         let weight = contiguous_f32(weight, weight_layout, "depthwise conv2d")?;
         let w = self.0;
-        let (out_h, out_w) = (w.out_height(), w.out_width());
-        let (plane, out_plane, taps) = (w.height * w.width, out_h * out_w, w.kernel * w.kernel);
-        let mut ys = vec![0f32; w.batch * w.channels * out_plane];
-        if w.stride == 1 {
-            let padded = Padded::new(&w);
-            ys.par_chunks_mut(out_plane)
-                .zip(input.par_chunks(plane))
-                .enumerate()
-                .for_each_init(
-                    || (padded.buffer(), vec![0f32; padded.span]),
-                    |(buffer, wide), (index, (ys, image))| {
-                        let filter = &weight[(index % w.channels) * taps..][..taps];
-                        padded.fill(buffer, image);
-                        padded.correlate(buffer, filter, wide);
-                        padded.narrow(wide, ys);
-                    },
-                );
-            let shape = (w.batch, w.channels, out_h, out_w).into();
-            return Ok((CpuStorage::F32(ys), shape));
-        }
-        ys.par_chunks_mut(out_plane)
-            .zip(input.par_chunks(plane))
-            .enumerate()
-            .for_each(|(index, (ys, image))| {
-                let filter = &weight[(index % w.channels) * taps..][..taps];
-                for ky in 0..w.kernel {
-                    for kx in 0..w.kernel {
-                        let tap = filter[ky * w.kernel + kx];
-                        for_tap_rows(&w, ky, kx, |oy, iy, lo, hi, first| {
-                            let src = &image[iy * w.width..(iy + 1) * w.width];
-                            let dst = &mut ys[oy * out_w + lo..oy * out_w + hi];
-                            if w.stride == 1 {
-                                let src = &src[first..first + dst.len()];
-                                dst.iter_mut().zip(src).for_each(|(d, s)| *d += tap * s);
-                            } else {
-                                for (offset, d) in dst.iter_mut().enumerate() {
-                                    *d += tap * src[first + offset * w.stride];
-                                }
-                            }
-                        });
-                    }
-                }
-            });
-        let shape = (w.batch, w.channels, out_h, out_w).into();
-        Ok((CpuStorage::F32(ys), shape))
+        let shape = (w.batch, w.channels, w.out_height(), w.out_width()).into();
+        Ok((CpuStorage::F32(depthwise_forward(&w, input, weight)), shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -857,80 +913,140 @@ impl CustomOp3 for DepthwiseBackward {
         let input = contiguous_f32(xs, xs_layout, "depthwise conv2d backward")?;
         let weight = contiguous_f32(weight, weight_layout, "depthwise conv2d backward")?;
         let grad_ys = contiguous_f32(grad_ys, grad_layout, "depthwise conv2d backward")?;
-        let w = self.0;
-        let (out_h, out_w) = (w.out_height(), w.out_width());
-        let (plane, out_plane, taps) = (w.height * w.width, out_h * out_w, w.kernel * w.kernel);
-        let planes = w.batch * w.channels;
-        let mut grad_xs = vec![0f32; planes * plane];
-        // Per plane, its contribution to its channel's filter gradient; summed over images below.
-        let mut plane_taps = vec![0f32; planes * taps];
-        if w.stride == 1 {
-            let padded = Padded::new(&w);
-            grad_xs
-                .par_chunks_mut(plane)
-                .zip(plane_taps.par_chunks_mut(taps))
-                .zip(input.par_chunks(plane).zip(grad_ys.par_chunks(out_plane)))
-                .enumerate()
-                .for_each_init(
-                    || (padded.buffer(), padded.buffer(), vec![0f32; padded.span]),
-                    |(buffer, grad_buffer, wide),
-                     (index, ((grad_x, grad_taps), (image, grad_y)))| {
-                        let filter = &weight[(index % w.channels) * taps..][..taps];
-                        padded.fill(buffer, image);
-                        padded.widen(grad_y, wide);
-                        padded.backward(buffer, filter, wide, grad_buffer, grad_taps);
-                        padded.interior(grad_buffer, grad_x);
-                    },
-                );
-        } else {
-            grad_xs
-                .par_chunks_mut(plane)
-                .zip(plane_taps.par_chunks_mut(taps))
-                .zip(input.par_chunks(plane).zip(grad_ys.par_chunks(out_plane)))
-                .enumerate()
-                .for_each(|(index, ((grad_x, grad_taps), (image, grad_y)))| {
-                    let filter = &weight[(index % w.channels) * taps..][..taps];
-                    for ky in 0..w.kernel {
-                        for kx in 0..w.kernel {
-                            let t = ky * w.kernel + kx;
-                            let tap = filter[t];
-                            let mut sum = 0f32;
-                            for_tap_rows(&w, ky, kx, |oy, iy, lo, hi, first| {
-                                let gy = &grad_y[oy * out_w + lo..oy * out_w + hi];
-                                let src = &image[iy * w.width..(iy + 1) * w.width];
-                                let gx = &mut grad_x[iy * w.width..(iy + 1) * w.width];
-                                if w.stride == 1 {
-                                    let src = &src[first..first + gy.len()];
-                                    let gx = &mut gx[first..first + gy.len()];
-                                    for ((g, s), d) in gy.iter().zip(src).zip(gx.iter_mut()) {
-                                        sum += g * s;
-                                        *d += tap * g;
-                                    }
-                                } else {
-                                    for (offset, g) in gy.iter().enumerate() {
-                                        let i = first + offset * w.stride;
-                                        sum += g * src[i];
-                                        gx[i] += tap * g;
-                                    }
-                                }
-                            });
-                            grad_taps[t] = sum;
-                        }
-                    }
-                });
-        }
-        let mut grads = grad_xs;
-        let mut grad_weight = vec![0f32; w.channels * taps];
-        for (index, contribution) in plane_taps.chunks(taps).enumerate() {
-            let channel = index % w.channels;
-            grad_weight[channel * taps..][..taps]
-                .iter_mut()
-                .zip(contribution)
-                .for_each(|(a, b)| *a += b);
-        }
-        grads.extend_from_slice(&grad_weight);
+        let mut grads = vec![0f32; input.len() + weight.len()];
+        let (grad_xs, grad_weight) = grads.split_at_mut(input.len());
+        depthwise_backward(&self.0, input, weight, grad_ys, grad_xs, grad_weight);
         let shape = Shape::from(grads.len());
         Ok((CpuStorage::F32(grads), shape))
+    }
+}
+
+/// The output of a depthwise convolution (see [`DepthwiseConv`]) on the CPU.
+fn depthwise_forward(w: &Windows, input: &[f32], weight: &[f32]) -> Vec<f32> {
+    let w = *w;
+    let (out_h, out_w) = (w.out_height(), w.out_width());
+    let (plane, out_plane, taps) = (w.height * w.width, out_h * out_w, w.kernel * w.kernel);
+    let mut ys = vec![0f32; w.batch * w.channels * out_plane];
+    if w.stride == 1 {
+        let padded = Padded::new(&w);
+        ys.par_chunks_mut(out_plane)
+            .zip(input.par_chunks(plane))
+            .enumerate()
+            .for_each_init(
+                || (padded.buffer(), vec![0f32; padded.span]),
+                |(buffer, wide), (index, (ys, image))| {
+                    let filter = &weight[(index % w.channels) * taps..][..taps];
+                    padded.fill(buffer, image);
+                    padded.correlate(buffer, filter, wide);
+                    padded.narrow(wide, ys);
+                },
+            );
+        return ys;
+    }
+    ys.par_chunks_mut(out_plane)
+        .zip(input.par_chunks(plane))
+        .enumerate()
+        .for_each(|(index, (ys, image))| {
+            let filter = &weight[(index % w.channels) * taps..][..taps];
+            for ky in 0..w.kernel {
+                for kx in 0..w.kernel {
+                    let tap = filter[ky * w.kernel + kx];
+                    for_tap_rows(&w, ky, kx, |oy, iy, lo, hi, first| {
+                        let src = &image[iy * w.width..(iy + 1) * w.width];
+                        let dst = &mut ys[oy * out_w + lo..oy * out_w + hi];
+                        if w.stride == 1 {
+                            let src = &src[first..first + dst.len()];
+                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += tap * s);
+                        } else {
+                            for (offset, d) in dst.iter_mut().enumerate() {
+                                *d += tap * src[first + offset * w.stride];
+                            }
+                        }
+                    });
+                }
+            }
+        });
+    ys
+}
+
+/// Both gradients of a depthwise convolution on the CPU, written in full into `grad_xs` and
+/// `grad_weight`.
+fn depthwise_backward(
+    w: &Windows,
+    input: &[f32],
+    weight: &[f32],
+    grad_ys: &[f32],
+    grad_xs: &mut [f32],
+    grad_weight: &mut [f32],
+) {
+    let w = *w;
+    let (out_h, out_w) = (w.out_height(), w.out_width());
+    let (plane, out_plane, taps) = (w.height * w.width, out_h * out_w, w.kernel * w.kernel);
+    let planes = w.batch * w.channels;
+    // Per plane, its contribution to its channel's filter gradient; summed over images below.
+    let mut plane_taps = vec![0f32; planes * taps];
+    if w.stride == 1 {
+        let padded = Padded::new(&w);
+        grad_xs
+            .par_chunks_mut(plane)
+            .zip(plane_taps.par_chunks_mut(taps))
+            .zip(input.par_chunks(plane).zip(grad_ys.par_chunks(out_plane)))
+            .enumerate()
+            .for_each_init(
+                || (padded.buffer(), padded.buffer(), vec![0f32; padded.span]),
+                |(buffer, grad_buffer, wide), (index, ((grad_x, grad_taps), (image, grad_y)))| {
+                    let filter = &weight[(index % w.channels) * taps..][..taps];
+                    padded.fill(buffer, image);
+                    padded.widen(grad_y, wide);
+                    padded.backward(buffer, filter, wide, grad_buffer, grad_taps);
+                    padded.interior(grad_buffer, grad_x);
+                },
+            );
+    } else {
+        grad_xs
+            .par_chunks_mut(plane)
+            .zip(plane_taps.par_chunks_mut(taps))
+            .zip(input.par_chunks(plane).zip(grad_ys.par_chunks(out_plane)))
+            .enumerate()
+            .for_each(|(index, ((grad_x, grad_taps), (image, grad_y)))| {
+                grad_x.fill(0.0);
+                let filter = &weight[(index % w.channels) * taps..][..taps];
+                for ky in 0..w.kernel {
+                    for kx in 0..w.kernel {
+                        let t = ky * w.kernel + kx;
+                        let tap = filter[t];
+                        let mut sum = 0f32;
+                        for_tap_rows(&w, ky, kx, |oy, iy, lo, hi, first| {
+                            let gy = &grad_y[oy * out_w + lo..oy * out_w + hi];
+                            let src = &image[iy * w.width..(iy + 1) * w.width];
+                            let gx = &mut grad_x[iy * w.width..(iy + 1) * w.width];
+                            if w.stride == 1 {
+                                let src = &src[first..first + gy.len()];
+                                let gx = &mut gx[first..first + gy.len()];
+                                for ((g, s), d) in gy.iter().zip(src).zip(gx.iter_mut()) {
+                                    sum += g * s;
+                                    *d += tap * g;
+                                }
+                            } else {
+                                for (offset, g) in gy.iter().enumerate() {
+                                    let i = first + offset * w.stride;
+                                    sum += g * src[i];
+                                    gx[i] += tap * g;
+                                }
+                            }
+                        });
+                        grad_taps[t] = sum;
+                    }
+                }
+            });
+    }
+    grad_weight.fill(0.0);
+    for (index, contribution) in plane_taps.chunks(taps).enumerate() {
+        let channel = index % w.channels;
+        grad_weight[channel * taps..][..taps]
+            .iter_mut()
+            .zip(contribution)
+            .for_each(|(a, b)| *a += b);
     }
 }
 

@@ -24,6 +24,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod control;
 pub mod conv;
+mod conv_bn;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 #[cfg(feature = "cuda")]

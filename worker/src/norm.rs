@@ -75,17 +75,10 @@ impl BatchNorm2d {
         residual: Option<&Tensor>,
         activation: Option<Activation>,
     ) -> candle_core::Result<Tensor> {
-        let fused = train
-            && crate::kernels::current() == crate::kernels::Kernels::Deepmad
-            && xs.device().is_cpu()
-            && xs.dtype() == DType::F32
-            && residual.is_none_or(|r| r.dtype() == DType::F32);
-        if fused {
-            let count = self.count(xs)?;
+        if self.fuses(xs, train, residual) {
             let (ys, stats) =
                 crate::bn_act::train(xs, &self.weight, &self.bias, residual, activation)?;
-            let (mean, variance) = stats_tensors(stats, xs.device())?;
-            self.update_running_statistics(&mean, &variance, count)?;
+            self.record(&ys, stats)?;
             return Ok(ys);
         }
         let mut ys = self.forward_t(xs, train)?;
@@ -96,6 +89,56 @@ impl BatchNorm2d {
             Some(activation) => crate::activation::activate(&ys, activation),
             None => Ok(ys),
         }
+    }
+
+    /// `act(bn(conv(xs)) + residual)` for [`crate::blocks::ConvBn`]: in training mode on the CPU
+    /// with deepmad's kernels one fused op ([`crate::conv_bn`]), elsewhere the convolution and
+    /// [`BatchNorm2d::forward_act`].
+    pub(crate) fn conv_forward_act(
+        &self,
+        xs: &Tensor,
+        conv: (&Tensor, usize, usize, usize),
+        train: bool,
+        residual: Option<&Tensor>,
+        activation: Option<Activation>,
+    ) -> candle_core::Result<Tensor> {
+        let (weight, stride, padding, groups) = conv;
+        if self.fuses(xs, train, residual) {
+            let geometry = (stride, padding, groups);
+            let fused = crate::conv_bn::train(
+                xs,
+                weight,
+                geometry,
+                &self.weight,
+                &self.bias,
+                residual,
+                activation,
+            )?;
+            if let Some((ys, stats)) = fused {
+                self.record(&ys, stats)?;
+                return Ok(ys);
+            }
+        }
+        let ys = crate::conv::conv2d(xs, weight, stride, padding, groups)?;
+        self.forward_act(&ys, train, residual, activation)
+    }
+
+    /// Whether training on `xs` (BatchNorm's input, or the convolution's before it) can use the
+    /// fused CPU ops.
+    fn fuses(&self, xs: &Tensor, train: bool, residual: Option<&Tensor>) -> bool {
+        train
+            && crate::kernels::current() == crate::kernels::Kernels::Deepmad
+            && xs.device().is_cpu()
+            && xs.dtype() == DType::F32
+            && residual.is_none_or(|r| r.dtype() == DType::F32)
+    }
+
+    /// Folds a fused op's batch statistics into the running statistics; `ys` is the op's
+    /// output, of BatchNorm's shape.
+    fn record(&self, ys: &Tensor, stats: crate::bn_act::ChannelStats) -> candle_core::Result<()> {
+        let count = self.count(ys)?;
+        let (mean, variance) = stats_tensors(stats, ys.device())?;
+        self.update_running_statistics(&mean, &variance, count)
     }
 
     /// Values per channel in a batch; at least two are needed for a variance.
