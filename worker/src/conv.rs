@@ -29,6 +29,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::direct::Direct;
+
 /// The geometry of one convolution's input windows (NCHW input, square `k x k` kernel).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Windows {
@@ -271,16 +273,28 @@ impl DenseConv {
         w.kernel > 1 && w.stride == 1 && 2 * w.padding + 1 == w.kernel
     }
 
-    /// The windows of that convolution: over the output gradient, `out` channels.
-    fn gradient_windows(&self) -> Windows {
+    /// The direct kernel ([`crate::direct`]) for this convolution's forward pass: stride 1,
+    /// "same" padding, `k > 1`.
+    fn direct(&self) -> Option<Direct> {
         let w = &self.windows;
-        Windows {
-            channels: self.out_channels,
-            height: w.out_height(),
-            width: w.out_width(),
-            padding: w.kernel - 1 - w.padding,
-            ..*w
-        }
+        self.transposed_gradient().then_some(Direct {
+            channels: w.channels,
+            out_channels: self.out_channels,
+            height: w.height,
+            width: w.width,
+            kernel: w.kernel,
+        })
+    }
+
+    /// The direct kernel for the input gradient of a [`DenseConv::transposed_gradient`]
+    /// convolution: from the output gradient's `out` channels to the input's, with the
+    /// [`DenseConv::flipped_weight`].
+    fn gradient_direct(&self) -> Option<Direct> {
+        self.direct().map(|direct| Direct {
+            channels: direct.out_channels,
+            out_channels: direct.channels,
+            ..direct
+        })
     }
 
     /// The output, `(batch, out, out_height, out_width)` row-major, of `input * weight`.
@@ -289,6 +303,16 @@ impl DenseConv {
         let (w, out, group) = (self.windows, self.out_channels, self.group());
         let width = group * pixels;
         let mut ys = vec![0f32; w.batch * out * pixels];
+        if let Some(direct) = self.direct() {
+            let packed = direct.pack(weight);
+            ys.par_chunks_mut(out * pixels)
+                .zip(input.par_chunks(self.image_len()))
+                .for_each_init(
+                    || direct.scratch(),
+                    |scratch, (ys, image)| direct.run(image, &packed, scratch, ys),
+                );
+            return ys;
+        }
         ys.par_chunks_mut(group * out * pixels)
             .zip(input.par_chunks(group * self.image_len()))
             .for_each_init(
@@ -397,14 +421,12 @@ struct BackwardScratch {
     grad_weight: Vec<f32>,
     /// The input's columns (not for a pointwise convolution).
     cols: Vec<f32>,
-    /// The columns' gradient, or with [`DenseConv::transposed_gradient`] the output gradient's
-    /// columns.
+    /// The columns' gradient (for a col2im).
     grad_cols: Vec<f32>,
     /// The group's output gradients side by side (groups of more than one image).
     grad_y: Vec<f32>,
-    /// The group's input gradients side by side ([`DenseConv::transposed_gradient`], groups of
-    /// more than one image).
-    grad_x: Vec<f32>,
+    /// The direct kernel's buffers ([`DenseConv::gradient_direct`]).
+    direct: Option<crate::direct::Scratch>,
 }
 
 impl CustomOp3 for DenseConvBackward {
@@ -449,14 +471,11 @@ impl DenseConv {
         let width = group * pixels;
         let image_len = self.image_len();
         let (pointwise, transposed) = (self.pointwise(), self.transposed_gradient());
-        let gradient_windows = self.gradient_windows();
         let input_gradient = grad_xs.is_some();
-        let flipped = if transposed && input_gradient {
-            self.flipped_weight(weight)
-        } else {
-            Vec::new()
-        };
-        let gradient_rows = out * w.kernel * w.kernel;
+        let gradient_direct = self.gradient_direct().filter(|_| input_gradient);
+        let flipped = gradient_direct
+            .map(|direct| direct.pack(&self.flipped_weight(weight)))
+            .unwrap_or_default();
         // The weight gradient is a sum over images. Each thread sums a fixed, contiguous slice
         // of the groups in order and the slices' partial sums are added in slice order, so the
         // summation order, and with it every bit of the result, does not depend on which
@@ -477,20 +496,13 @@ impl DenseConv {
                 let mut scratch = BackwardScratch {
                     grad_weight: vec![0f32; out * rows],
                     cols: vec![0f32; if pointwise { 0 } else { rows * width }],
-                    grad_cols: match (pointwise || !input_gradient, transposed) {
-                        (true, _) => Vec::new(),
-                        (false, true) => vec![0f32; gradient_rows * width],
-                        (false, false) => vec![0f32; rows * width],
+                    grad_cols: if pointwise || transposed || !input_gradient {
+                        Vec::new()
+                    } else {
+                        vec![0f32; rows * width]
                     },
                     grad_y: vec![0f32; if several { out * width } else { 0 }],
-                    grad_x: vec![
-                        0f32;
-                        if several && transposed && input_gradient {
-                            w.channels * width
-                        } else {
-                            0
-                        }
-                    ],
+                    direct: gradient_direct.map(|direct| direct.scratch()),
                 };
                 let groups = input
                     .chunks(group * image_len)
@@ -544,38 +556,15 @@ impl DenseConv {
                             grad_y,
                             (rows, n, out),
                         );
-                    } else if transposed {
-                        // grad_x (in x n) = flipped (in x out * k * k) * columns of grad_y.
-                        for (j, image_grad) in grad_ys.chunks(out * pixels).enumerate() {
-                            im2col_into(
-                                &gradient_windows,
-                                image_grad,
-                                &mut scratch.grad_cols,
-                                width,
-                                j * pixels,
-                            );
-                        }
-                        let channels = w.channels;
-                        let dst = if count == 1 {
-                            (&mut grad_xs[..], pixels)
-                        } else {
-                            (&mut scratch.grad_x[..], width)
-                        };
-                        matmul(
-                            dst,
-                            false,
-                            Operand::row_major(&flipped, gradient_rows),
-                            Operand::row_major(&scratch.grad_cols, width),
-                            (channels, n, gradient_rows),
-                        );
-                        if count > 1 {
-                            for (j, grad_x) in grad_xs.chunks_mut(image_len).enumerate() {
-                                for (c, plane) in grad_x.chunks_mut(pixels).enumerate() {
-                                    plane.copy_from_slice(
-                                        &scratch.grad_x[c * width + j * pixels..][..pixels],
-                                    );
-                                }
-                            }
+                    } else if let (Some(direct), Some(direct_scratch)) =
+                        (gradient_direct, scratch.direct.as_mut())
+                    {
+                        // grad_x = grad_y * flipped, directly per image.
+                        let pairs = grad_ys
+                            .chunks(out * pixels)
+                            .zip(grad_xs.chunks_mut(image_len));
+                        for (image_grad, grad_x) in pairs {
+                            direct.run(image_grad, &flipped, direct_scratch, grad_x);
                         }
                     } else {
                         // grad_cols (rows x n) = weight^T (rows x out) * grad_y, then col2im.

@@ -31,6 +31,7 @@ mod cuda_kernels;
 pub mod cudnn;
 pub mod data;
 pub mod device;
+mod direct;
 pub mod error;
 pub mod init;
 pub mod kernels;
