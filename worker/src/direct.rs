@@ -4,15 +4,17 @@
 //! its input) and the gemm crate then packs those columns once more; for ResNet-20 the copies
 //! cost about as much as a sixth of a training step. Here the input is copied once, into
 //! zero-padded planes flattened with row length `width + 2 * padding` (as in
-//! `conv::Padded`). On that grid every tap `(ky, kx)` is one shift, `ky * row + kx`, so a tile
-//! of [`TILE`] consecutive grid positions reads [`TILE`] consecutive values per input channel
-//! and tap, straight from the padded planes. A register block of [`BLOCK`] output channels by
-//! [`TILE`] positions accumulates over input channels and taps (the weights packed per block so
-//! that they are read in order), as the gemm crate's microkernel does over a packed matrix.
+//! `conv::Padded`). On that grid every tap `(ky, kx)` is one shift, `ky * row + kx`, so an
+//! AVX2 vector of 8 consecutive output positions in a row reads 8 consecutive values per input
+//! channel and tap, straight from the padded planes. A register block of [`BLOCK`] output
+//! channels by two such vectors (a [`Tile`]) accumulates over input channels and taps (the
+//! weights packed per block so that they are read in order), as the gemm crate's microkernel
+//! does over a packed matrix.
 //!
-//! The grid has `row - width` junk positions per row (reads that wrap into the next row); they
-//! are computed and dropped. That is 6% extra work on 32x32 maps and 20% on 8x8 maps, paid
-//! for by not writing and packing nine copies of the input.
+//! When a map's rows are whole vectors (width 8, 16, 32, ...), the tiles are pairs of output
+//! vectors and are written straight to the output. Otherwise the tiles run over the whole grid,
+//! `row - width` junk positions per row included (reads that wrap into the next row), into a
+//! wide buffer whose real columns are then copied out.
 //!
 //! Used for the forward pass of stride-1 "same" convolutions and for their input gradient,
 //! which is the same kind of convolution of the output gradient with the flipped, transposed
@@ -20,9 +22,9 @@
 
 /// Output channels per register block.
 const BLOCK: usize = 4;
-/// Grid positions per register block (two AVX2 vectors). With three, the twelve accumulators,
+/// Positions per register block (two AVX2 vectors). With three, the twelve accumulators,
 /// three inputs and a weight took all sixteen registers and the compiler spilled accumulators.
-const TILE: usize = 16;
+const TILE: usize = 2 * VECTOR;
 
 /// One stride-1 convolution with padding `kernel / 2` on each side (odd `kernel`), per image.
 #[derive(Clone, Copy, Debug)]
@@ -134,16 +136,37 @@ impl Direct {
             }
         }
         let shifts = self.shifts();
-        let wide_len = self.wide_len();
         let block_len = self.channels * shifts.len() * BLOCK;
+        let planes = (self.channels, plane);
+        if let Some(tiles_here) = self.row_tiles() {
+            // Whole vectors of output rows: written in place.
+            for (block, weights) in packed.chunks_exact(block_len).enumerate() {
+                let first = block * BLOCK;
+                let lanes = BLOCK.min(self.out_channels - first);
+                let out = Out {
+                    values: &mut output[first * pixels..],
+                    plane: pixels,
+                    lanes,
+                };
+                tiles(&scratch.padded, planes, &shifts, weights, &tiles_here, out);
+            }
+            return;
+        }
+        let wide_len = self.wide_len();
+        let tiles_here: Vec<Tile> = (0..wide_len)
+            .step_by(TILE)
+            .map(|start| Tile {
+                input: [start, start + VECTOR],
+                output: [start, start + VECTOR],
+            })
+            .collect();
         for (block, weights) in packed.chunks_exact(block_len).enumerate() {
-            tiles(
-                &scratch.padded,
-                (self.channels, plane),
-                &shifts,
-                weights,
-                (&mut scratch.wide, wide_len),
-            );
+            let out = Out {
+                values: &mut scratch.wide,
+                plane: wide_len,
+                lanes: BLOCK,
+            };
+            tiles(&scratch.padded, planes, &shifts, weights, &tiles_here, out);
             let first = block * BLOCK;
             let count = BLOCK.min(self.out_channels - first);
             for (lane, wide) in scratch.wide.chunks_exact(wide_len).take(count).enumerate() {
@@ -154,76 +177,144 @@ impl Direct {
             }
         }
     }
+
+    /// When the output rows are whole vectors (width a multiple of [`VECTOR`], an even number
+    /// of vectors per plane): tiles of two consecutive output vectors, read from their rows of
+    /// the padded planes and written straight to the output. No junk positions are computed
+    /// (20% of the grid on 8x8 maps) and nothing is copied out of a wide buffer.
+    fn row_tiles(&self) -> Option<Vec<Tile>> {
+        let (width, row) = (self.width, self.row());
+        let vectors = self.height * width / VECTOR;
+        if width % VECTOR != 0 || vectors % 2 != 0 {
+            return None;
+        }
+        let place = |v: usize| {
+            let (y, x) = (v * VECTOR / width, v * VECTOR % width);
+            (y * row + x, y * width + x)
+        };
+        let tiles = (0..vectors)
+            .step_by(2)
+            .map(|v| {
+                let (first, second) = (place(v), place(v + 1));
+                Tile {
+                    input: [first.0, second.0],
+                    output: [first.1, second.1],
+                }
+            })
+            .collect();
+        Some(tiles)
+    }
 }
 
-/// Every tile of one block: `wide[lane][i] = sum over c, t of weights[c][t][lane] *
-/// padded[c * plane + shifts[t] + i]`.
+/// Lanes per AVX2 vector.
+const VECTOR: usize = 8;
+
+/// One register block's positions: its two vectors read the padded planes at `input[v]` (plus
+/// each tap's shift) and write each output plane at `output[v]`.
+#[derive(Clone, Copy, Debug)]
+struct Tile {
+    input: [usize; 2],
+    output: [usize; 2],
+}
+
+/// Where [`tiles`] writes: `lanes` planes of `plane` values each.
+struct Out<'a> {
+    values: &'a mut [f32],
+    plane: usize,
+    lanes: usize,
+}
+
+/// Every tile of one block: for each lane below `out.lanes` and vector `v`,
+/// `out[lane][tile.output[v] + i] = sum over c, t of weights[c][t][lane] *
+/// padded[c * plane + shifts[t] + tile.input[v] + i]`, `i < VECTOR`.
 fn tiles(
     padded: &[f32],
     planes: (usize, usize),
     shifts: &[usize],
     weights: &[f32],
-    wide: (&mut [f32], usize),
+    tiles: &[Tile],
+    out: Out,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::has_avx2_fma() {
-        // Safety: the CPU has the features `tiles_avx2` was compiled for.
-        #[allow(unsafe_code)]
-        unsafe {
-            tiles_avx2(padded, planes, shifts, weights, wide)
-        };
-        return;
-    }
-    tiles_portable(padded, planes, shifts, weights, wide)
-}
-
-/// [`tiles`] in AVX2 intrinsics: the [`BLOCK`] x [`TILE`] accumulators are eight named
-/// registers. (The compiler's version of [`tiles_portable`] shuffled and spilled them.)
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(unsafe_code)]
-fn tiles_avx2(
-    padded: &[f32],
-    (channels, plane): (usize, usize),
-    shifts: &[usize],
-    weights: &[f32],
-    (wide, wide_len): (&mut [f32], usize),
-) {
-    use std::arch::x86_64::{
-        __m256, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
-        _mm256_storeu_ps,
-    };
-    const _: () = assert!(BLOCK == 4 && TILE == 16, "the registers below are 4 x 2");
+    let (channels, plane) = planes;
     let taps = shifts.len();
     let reach = shifts.iter().copied().max().unwrap_or(0);
     assert!(
         weights.len() >= channels * taps * BLOCK,
         "direct conv: weights"
     );
-    assert!(wide.len() >= BLOCK * wide_len, "direct conv: output");
-    assert!(wide_len % TILE == 0, "direct conv: whole tiles");
-    if channels == 0 {
-        wide.fill(0.0);
+    assert!(out.lanes <= BLOCK, "direct conv: lanes");
+    for tile in tiles {
+        for v in 0..2 {
+            // Every load of this vector ends at most `reach + VECTOR` past
+            // `(channels - 1) * plane + tile.input[v]`; every store within its lane's plane.
+            assert!(
+                channels == 0
+                    || (channels - 1) * plane + tile.input[v] + reach + VECTOR <= padded.len(),
+                "direct conv: padded input"
+            );
+            assert!(
+                tile.output[v] + VECTOR <= out.plane,
+                "direct conv: output plane"
+            );
+        }
+    }
+    assert!(
+        out.lanes == 0 || (out.lanes - 1) * out.plane + out.plane <= out.values.len(),
+        "direct conv: output"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx2_fma() {
+        // Safety: the CPU has the features `tiles_avx2` was compiled for, and the asserts above
+        // bound every offset it reaches.
+        #[allow(unsafe_code)]
+        unsafe {
+            tiles_avx2(padded, planes, shifts, weights, tiles, out)
+        };
         return;
     }
-    for start in (0..wide_len).step_by(TILE) {
-        // Every load below is at most `reach + TILE` past `c * plane + start`, c < channels.
-        assert!(
-            (channels - 1) * plane + start + reach + TILE <= padded.len(),
-            "direct conv: padded input"
-        );
-        // Safety: the asserts above bound every pointer offset below: input loads by the last
-        // one, weight reads by `channels * taps * BLOCK`, stores by `BLOCK * wide_len`.
+    tiles_portable(padded, planes, shifts, weights, tiles, out)
+}
+
+/// [`tiles`] in AVX2 intrinsics: the [`BLOCK`] x [`TILE`] accumulators are eight named
+/// registers. (The compiler's version of [`tiles_portable`], with three vectors per tile,
+/// shuffled and spilled them.)
+///
+/// # Safety
+/// The CPU has AVX2 and FMA, and the offsets are within bounds as [`tiles`] asserts.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(unsafe_code)]
+unsafe fn tiles_avx2(
+    padded: &[f32],
+    (channels, plane): (usize, usize),
+    shifts: &[usize],
+    weights: &[f32],
+    tiles: &[Tile],
+    out: Out,
+) {
+    use std::arch::x86_64::{
+        __m256, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps,
+    };
+    const _: () = assert!(
+        BLOCK == 4 && TILE == 2 * VECTOR,
+        "the registers below are 4 x 2"
+    );
+    for tile in tiles {
+        // Safety: see the function's contract.
         unsafe {
             let zero = _mm256_setzero_ps();
             let (mut a00, mut a01, mut a10, mut a11) = (zero, zero, zero, zero);
             let (mut a20, mut a21, mut a30, mut a31) = (zero, zero, zero, zero);
             let mut w = weights.as_ptr();
             for c in 0..channels {
-                let base = padded.as_ptr().add(c * plane + start);
+                let base0 = padded.as_ptr().add(c * plane + tile.input[0]);
+                let base1 = padded.as_ptr().add(c * plane + tile.input[1]);
                 for &shift in shifts {
-                    let x = base.add(shift);
-                    let (x0, x1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+                    let (x0, x1) = (
+                        _mm256_loadu_ps(base0.add(shift)),
+                        _mm256_loadu_ps(base1.add(shift)),
+                    );
                     let w0 = _mm256_broadcast_ss(&*w);
                     a00 = _mm256_fmadd_ps(w0, x0, a00);
                     a01 = _mm256_fmadd_ps(w0, x1, a01);
@@ -240,10 +331,10 @@ fn tiles_avx2(
                 }
             }
             let acc: [[__m256; 2]; BLOCK] = [[a00, a01], [a10, a11], [a20, a21], [a30, a31]];
-            for (lane, vectors) in acc.iter().enumerate() {
-                let out = wide.as_mut_ptr().add(lane * wide_len + start);
+            for (lane, vectors) in acc.iter().take(out.lanes).enumerate() {
+                let plane_out = out.values.as_mut_ptr().add(lane * out.plane);
                 for (v, vector) in vectors.iter().enumerate() {
-                    _mm256_storeu_ps(out.add(8 * v), *vector);
+                    _mm256_storeu_ps(plane_out.add(tile.output[v]), *vector);
                 }
             }
         }
@@ -256,33 +347,30 @@ fn tiles_portable(
     (channels, plane): (usize, usize),
     shifts: &[usize],
     weights: &[f32],
-    (wide, wide_len): (&mut [f32], usize),
+    tiles: &[Tile],
+    out: Out,
 ) {
     let taps = shifts.len();
-    let reach = shifts.last().copied().unwrap_or(0);
-    for start in (0..wide_len).step_by(TILE) {
-        let mut acc = [[0f32; TILE]; BLOCK];
+    for tile in tiles {
+        let mut acc = [[[0f32; VECTOR]; 2]; BLOCK];
         for c in 0..channels {
-            let base = c * plane + start;
-            // One bounds check per channel instead of one per tap.
-            let window = &padded[base..base + reach + TILE];
             let filter = &weights[c * taps * BLOCK..][..taps * BLOCK];
             for (t, &shift) in shifts.iter().enumerate() {
-                let x: &[f32; TILE] = window[shift..shift + TILE]
-                    .try_into()
-                    .expect("a tile of the window");
-                let w: &[f32; BLOCK] = filter[t * BLOCK..t * BLOCK + BLOCK]
-                    .try_into()
-                    .expect("a block of the filter");
-                for lane in 0..BLOCK {
-                    for i in 0..TILE {
-                        acc[lane][i] += w[lane] * x[i];
+                let w = &filter[t * BLOCK..t * BLOCK + BLOCK];
+                for (v, &input) in tile.input.iter().enumerate() {
+                    let x = &padded[c * plane + input + shift..][..VECTOR];
+                    for lane in 0..BLOCK {
+                        for i in 0..VECTOR {
+                            acc[lane][v][i] += w[lane] * x[i];
+                        }
                     }
                 }
             }
         }
-        for (lane, values) in acc.iter().enumerate() {
-            wide[lane * wide_len + start..][..TILE].copy_from_slice(values);
+        for (lane, vectors) in acc.iter().take(out.lanes).enumerate() {
+            for (v, values) in vectors.iter().enumerate() {
+                out.values[lane * out.plane + tile.output[v]..][..VECTOR].copy_from_slice(values);
+            }
         }
     }
 }
@@ -295,17 +383,26 @@ mod tests {
     /// maps narrower than the filter.
     #[test]
     fn matches_the_definition() {
-        for (channels, out, side, kernel) in
-            [(3, 5, 7, 3), (2, 4, 4, 5), (4, 9, 3, 3), (1, 1, 2, 7)]
-        {
+        // (in, out, height, width, kernel): the first four on the wide grid, the rest in row
+        // tiles (rows of whole vectors).
+        let shapes = [
+            (3, 5, 7, 8, 3),
+            (2, 4, 4, 5, 5),
+            (4, 9, 3, 4, 3),
+            (1, 1, 2, 3, 7),
+            (3, 5, 4, 8, 3),
+            (2, 6, 3, 16, 5),
+            (5, 9, 8, 8, 3),
+        ];
+        for (channels, out, h, w, kernel) in shapes {
             let conv = Direct {
                 channels,
                 out_channels: out,
-                height: side,
-                width: side + 1,
+                height: h,
+                width: w,
                 kernel,
             };
-            let (h, w) = (side, side + 1);
+            let side = format!("{h}x{w}");
             let value =
                 |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 97) as f32 / 48.0 - 1.0;
             let image: Vec<f32> = (0..channels * h * w).map(|i| value(i, 1)).collect();
