@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,10 @@ def main():
     parser.add_argument("--threads", type=int, help="CPU threads for both frameworks")
     parser.add_argument("--kernels", default="both", help="deepmad, stock or both")
     parser.add_argument("--no-torch", action="store_true", help="measure candle only")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each design this many times, candle and PyTorch back to "
+                             "back per design and round; the table shows medians and the range "
+                             "of the per-round ratios (for machines whose speed drifts)")
     parser.add_argument("--raw", help="also write every JSON line to this file")
     parser.add_argument("--from", dest="sources", nargs="+", metavar="JSONL",
                         help="measure nothing: tabulate JSON lines saved earlier (by --raw, "
@@ -55,20 +60,32 @@ def main():
     if not args.designs:
         parser.error("name design files (or --from JSONL files to tabulate)")
 
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     common = ["--device", args.device, "--batch", args.batch, "--steps", str(args.steps),
               "--warmup", str(args.warmup)]
     threads = ["--threads", str(args.threads)] if args.threads else []
-    rows = run_lines([*shlex.split(args.deepmad), "bench", *args.designs, *common, *threads,
-                      "--kernels", args.kernels, "--json"])
-    if not args.no_torch:
-        device = "cuda" if args.device.startswith("cuda") else "cpu"
-        torch_common = ["--device", device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        for batch in args.batch.split(","):
-            torch_common += ["--batch", batch]
-        designs = [arg for design in args.designs for arg in ("--design", design)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        rows += run_lines([args.python, str(HERE / "torch_bench.py"), *designs, *torch_common,
-                           *threads, "--mode", "all", "--json"], env=env)
+    device = "cuda" if args.device.startswith("cuda") else "cpu"
+    torch_common = ["--device", device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for batch in args.batch.split(","):
+        torch_common += ["--batch", batch]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # One round: all designs at once (the default, one process per framework), or with
+    # --rounds, design by design so that each candle/PyTorch pair runs back to back.
+    groups = [args.designs] if args.rounds == 1 else [[design] for design in args.designs]
+    rows = []
+    for round_index in range(args.rounds):
+        for designs in groups:
+            measured = run_lines([*shlex.split(args.deepmad), "bench", *designs, *common,
+                                  *threads, "--kernels", args.kernels, "--json"])
+            if not args.no_torch:
+                flags = [arg for design in designs for arg in ("--design", design)]
+                measured += run_lines([args.python, str(HERE / "torch_bench.py"), *flags,
+                                       *torch_common, *threads, "--mode", "all", "--json"],
+                                      env=env)
+            for row in measured:
+                row["round"] = round_index
+            rows += measured
     if args.raw:
         Path(args.raw).write_text("".join(json.dumps(row) + "\n" for row in rows))
     print_table(rows, args)
@@ -80,15 +97,20 @@ def print_table(rows, args):
             return f"candle {row['kernels']}"
         return f"pytorch {row['mode']}"
 
-    table = {}
+    samples = {}
     columns = []
     params = {}
     for row in rows:
         key = (row["design"], int(row["batch"]))
-        table.setdefault(key, {})[column(row)] = row["images_per_s"]
+        samples.setdefault(key, {}).setdefault(column(row), []).append(
+            (row.get("round", 0), row["images_per_s"]))
         params.setdefault(row["design"], {})[row["framework"]] = row["params"]
         if column(row) not in columns:
             columns.append(column(row))
+    table = {key: {c: statistics.median(v for _, v in values) for c, values in cells.items()}
+             for key, cells in samples.items()}
+    rounds = max((len(values) for cells in samples.values() for values in cells.values()),
+                 default=1)
     header = ["design", "batch", *columns]
     ratios = []
     if "candle deepmad" in columns and "pytorch fp32" in columns:
@@ -101,7 +123,9 @@ def print_table(rows, args):
     devices = sorted({row["device"] for row in rows})
     steps = sorted({row["steps"] for row in rows})
     print(f"device {', '.join(devices)}; timed steps {', '.join(map(str, steps))}; "
-          "images/s (fp32 unless named)")
+          "images/s (fp32 unless named)"
+          + (f"; median of {rounds} rounds, ratio of medians (range of per-round ratios)"
+             if rounds > 1 else ""))
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for (design, batch), values in sorted(table.items()):
@@ -109,7 +133,14 @@ def print_table(rows, args):
         cells += [f"{values[c]:,.1f}" if c in values else "-" for c in columns]
         for _, top, bottom in ratios:
             if top in values and bottom in values and values[bottom] > 0:
-                cells.append(f"{values[top] / values[bottom]:.2f}x")
+                cell = f"{values[top] / values[bottom]:.2f}x"
+                if rounds > 1:
+                    # The range of the ratios of runs made in the same round.
+                    tops = dict(samples[(design, batch)][top])
+                    bottoms = dict(samples[(design, batch)][bottom])
+                    per_round = [tops[r] / bottoms[r] for r in tops if bottoms.get(r, 0) > 0]
+                    cell += f" ({min(per_round):.2f}-{max(per_round):.2f})"
+                cells.append(cell)
             else:
                 cells.append("-")
         print("| " + " | ".join(cells) + " |")
