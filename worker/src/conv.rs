@@ -44,6 +44,28 @@ pub(crate) struct Windows {
 }
 
 impl Windows {
+    /// The windows of convolving `xs` `(batch, in, height, width)` with `weight`
+    /// `(out, in / groups, k, k)`, and the output channel count.
+    pub(crate) fn of(
+        xs: &Tensor,
+        weight: &Tensor,
+        stride: usize,
+        padding: usize,
+    ) -> candle_core::Result<(Windows, usize)> {
+        let (batch, channels, height, width) = xs.dims4()?;
+        let (out_channels, _, kernel, _) = weight.dims4()?;
+        let windows = Windows {
+            batch,
+            channels,
+            height,
+            width,
+            kernel,
+            stride,
+            padding,
+        };
+        Ok((windows, out_channels))
+    }
+
     pub(crate) fn out_height(&self) -> usize {
         (self.height + 2 * self.padding - self.kernel) / self.stride + 1
     }
@@ -87,17 +109,8 @@ pub fn conv2d_with(
     padding: usize,
     groups: usize,
 ) -> candle_core::Result<Tensor> {
-    let (batch, channels, height, width) = xs.dims4()?;
-    let (out_channels, _, kernel, _) = weight.dims4()?;
-    let windows = Windows {
-        batch,
-        channels,
-        height,
-        width,
-        kernel,
-        stride,
-        padding,
-    };
+    let (windows, out_channels) = Windows::of(xs, weight, stride, padding)?;
+    let (batch, channels, kernel) = (windows.batch, windows.channels, windows.kernel);
     let out_shape = (
         batch,
         out_channels,

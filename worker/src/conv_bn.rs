@@ -36,17 +36,7 @@ pub(crate) fn train(
     residual: Option<&Tensor>,
     activation: Option<Activation>,
 ) -> candle_core::Result<Option<(Tensor, ChannelStats)>> {
-    let (batch, channels, height, width) = xs.dims4()?;
-    let (out_channels, _, kernel, _) = weight.dims4()?;
-    let windows = crate::conv::Windows {
-        batch,
-        channels,
-        height,
-        width,
-        kernel,
-        stride,
-        padding,
-    };
+    let (windows, out_channels) = crate::conv::Windows::of(xs, weight, stride, padding)?;
     let Some(conv) = CpuConv::new(windows, out_channels, groups) else {
         return Ok(None);
     };
