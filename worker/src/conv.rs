@@ -132,24 +132,18 @@ pub fn conv2d_with(
         return crate::cudnn::conv2d(xs, weight, windows, out_channels, groups);
     }
     let cpu_f32 = xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32;
-    if groups == 1 {
-        if !cpu_f32 {
-            return xs.conv2d(weight, padding, stride, 1, 1);
-        }
-        let op = DenseConv {
-            windows,
-            out_channels,
-        };
-        return xs.contiguous()?.apply_op2(&weight.contiguous()?, op);
-    }
-    if groups != channels || out_channels != channels {
-        // Not a family the IR has; candle handles it, slowly.
-        return xs.conv2d(weight, padding, stride, 1, groups);
-    }
     if cpu_f32 {
-        return xs
-            .contiguous()?
-            .apply_op2(&weight.contiguous()?, DepthwiseConv(windows));
+        if let Some(conv) = CpuConv::new(windows, out_channels, groups) {
+            let (xs, weight) = (xs.contiguous()?, weight.contiguous()?);
+            return match conv {
+                CpuConv::Dense(op) => xs.apply_op2(&weight, op),
+                CpuConv::Depthwise(w) => xs.apply_op2(&weight, DepthwiseConv(w)),
+            };
+        }
+    }
+    if groups == 1 || groups != channels || out_channels != channels {
+        // Dense off the CPU, or a group count the IR does not have (slowly): candle's own.
+        return xs.conv2d(weight, padding, stride, 1, groups);
     }
     let taps = kernel * kernel;
     // Per (image, channel): a (1 x taps) by (taps x pixels) product. As a batched matrix
