@@ -43,6 +43,9 @@ def main():
     parser.add_argument("--threads", type=int, help="CPU threads for both frameworks")
     parser.add_argument("--kernels", default="both", help="deepmad, stock or both")
     parser.add_argument("--no-torch", action="store_true", help="measure candle only")
+    parser.add_argument("--sync-each-step", action="store_true",
+                        help="both frameworks wait for the device after every step (reading "
+                             "the loss); by default both wait once, after the timed loop")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure each design this many times, candle and PyTorch back to "
                              "back per design and round; the table shows medians and the range "
@@ -65,8 +68,12 @@ def main():
     common = ["--device", args.device, "--batch", args.batch, "--steps", str(args.steps),
               "--warmup", str(args.warmup)]
     threads = ["--threads", str(args.threads)] if args.threads else []
+    if args.sync_each_step:
+        common.append("--sync-each-step")
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     torch_common = ["--device", device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.sync_each_step:
+        torch_common.append("--sync-each-step")
     for batch in args.batch.split(","):
         torch_common += ["--batch", batch]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -93,9 +100,11 @@ def main():
 
 def print_table(rows, args):
     def column(row):
+        # Rows that waited for the device after every step are their own columns.
+        sync = " sync" if row.get("sync_each_step") else ""
         if row["framework"] == "candle":
-            return f"candle {row['kernels']}"
-        return f"pytorch {row['mode']}"
+            return f"candle {row['kernels']}{sync}"
+        return f"pytorch {row['mode']}{sync}"
 
     samples = {}
     columns = []
@@ -113,12 +122,13 @@ def print_table(rows, args):
                  default=1)
     header = ["design", "batch", *columns]
     ratios = []
-    if "candle deepmad" in columns and "pytorch fp32" in columns:
-        ratios.append(("deepmad / pytorch fp32", "candle deepmad", "pytorch fp32"))
-    if "candle deepmad" in columns and "pytorch bf16-cl" in columns:
-        ratios.append(("deepmad / pytorch bf16-cl", "candle deepmad", "pytorch bf16-cl"))
-    if "candle deepmad" in columns and "candle stock" in columns:
-        ratios.append(("deepmad / stock", "candle deepmad", "candle stock"))
+    for sync in ("", " sync"):
+        for name, top, bottom in (("deepmad / pytorch fp32", "candle deepmad", "pytorch fp32"),
+                                  ("deepmad / pytorch bf16-cl", "candle deepmad",
+                                   "pytorch bf16-cl"),
+                                  ("deepmad / stock", "candle deepmad", "candle stock")):
+            if top + sync in columns and bottom + sync in columns:
+                ratios.append((name + sync, top + sync, bottom + sync))
     header += [name for name, _, _ in ratios]
     devices = sorted({row["device"] for row in rows})
     steps = sorted({row["steps"] for row in rows})

@@ -280,6 +280,11 @@ pub struct BenchArgs {
     /// Threads of candle's CPU kernels (sets CANDLE_NUM_THREADS).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Wait for the device after every step (reading the loss), as a training loop that logs
+    /// every loss does; by default the timed loop waits once at its end, as
+    /// bench/torch_bench.py does (its --sync-each-step is this flag's twin).
+    #[arg(long)]
+    pub sync_each_step: bool,
     /// Instead of timing: compares deepmad's convolutions on the device with candle's on the
     /// CPU, forward and gradients, on the shapes the block families use; exits 1 on a mismatch.
     #[arg(long)]

@@ -35,6 +35,8 @@ struct Measurement {
     batch: usize,
     mode: &'static str,
     steps: usize,
+    /// Whether the timed loop waited for the device after every step (`--sync-each-step`).
+    sync_each_step: bool,
     images_per_s: f64,
     s_per_step: f64,
     /// Milliseconds per step in forward + loss, backward, and optimizer step, measured over
@@ -42,6 +44,10 @@ struct Measurement {
     forward_ms: f64,
     backward_ms: f64,
     optimizer_ms: f64,
+    /// Milliseconds per step the host spends issuing the step's work, before it waits for the
+    /// device. On CUDA, close to `s_per_step` means the step is bound by the host (launches,
+    /// allocations, autograd), not by the device.
+    host_ms: f64,
 }
 
 pub fn run(args: &BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
@@ -98,7 +104,7 @@ pub fn run(args: &BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
                 } else {
                     writeln!(
                         out,
-                        "{:<14} {:>9} params  batch {:>4}  {:<8} {:<8} {:>10.1} images/s  {:.4} s/step  (forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms)",
+                        "{:<14} {:>9} params  batch {:>4}  {:<8} {:<8} {:>10.1} images/s  {:.4} s/step  (forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms; host {:.1} ms)",
                         measured.design,
                         measured.params,
                         measured.batch,
@@ -108,7 +114,8 @@ pub fn run(args: &BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
                         measured.s_per_step,
                         measured.forward_ms,
                         measured.backward_ms,
-                        measured.optimizer_ms
+                        measured.optimizer_ms,
+                        measured.host_ms
                     )?;
                 }
                 out.flush()?;
@@ -163,19 +170,32 @@ fn measure(
     let xs = Tensor::randn(0f32, 1., (batch, channels, side, side), device)?;
     let targets =
         Tensor::full(1.0 / classes as f32, (batch, classes), device)?.to_dtype(DType::F32)?;
-    let mut steps = |count: usize| -> anyhow::Result<f64> {
+    // (total seconds, seconds the host spent before waiting for the device)
+    let mut steps = |count: usize| -> anyhow::Result<(f64, f64)> {
+        device.synchronize()?;
         let start = Instant::now();
+        let mut host = 0f64;
+        let mut last_loss = None;
         for _ in 0..count {
+            let issued = Instant::now();
             let logits = model.forward_t(&xs, true)?;
             let loss = soft_cross_entropy(&logits, &targets)?;
             let grads = loss.backward()?;
             sgd.step(&grads, 0.1)?;
-            loss.to_scalar::<f32>()?; // waits for the device
+            host += issued.elapsed().as_secs_f64();
+            if args.sync_each_step {
+                loss.to_scalar::<f32>()?; // waits for the device
+            }
+            last_loss = Some(loss);
         }
-        Ok(start.elapsed().as_secs_f64())
+        if let Some(loss) = last_loss {
+            let loss = loss.to_scalar::<f32>()?; // waits for the device
+            anyhow::ensure!(loss.is_finite(), "the last loss is {loss} (not finite)");
+        }
+        Ok((start.elapsed().as_secs_f64(), host))
     };
     steps(args.warmup)?;
-    let seconds = steps(args.steps)?;
+    let (seconds, host_seconds) = steps(args.steps)?;
     let mut phases = [0f64; 3];
     for _ in 0..args.steps {
         let start = Instant::now();
@@ -207,11 +227,13 @@ fn measure(
         batch,
         mode: "fp32",
         steps: args.steps,
+        sync_each_step: args.sync_each_step,
         images_per_s: (args.steps * batch) as f64 / seconds,
         s_per_step: seconds / args.steps as f64,
         forward_ms: per_step_ms(phases[0]),
         backward_ms: per_step_ms(phases[1]),
         optimizer_ms: per_step_ms(phases[2]),
+        host_ms: per_step_ms(host_seconds),
     })
 }
 
