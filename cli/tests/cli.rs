@@ -326,7 +326,11 @@ fn bench_check_passes_on_the_cpu() {
     assert!(text.contains("batchnorm running stats"), "{text}");
     assert!(text.contains("activation silu"), "{text}");
     assert!(text.contains("conv 2x16x24x24 -> 24 k1 s1 p0 g1"), "{text}");
-    assert!(text.contains("all 16 checks passed"), "{text}");
+    assert!(
+        text.contains("conv+bn 4x16x8x8 -> 16 k3 s1 p1 g1 + residual relu"),
+        "{text}"
+    );
+    assert!(text.contains("all 22 checks passed"), "{text}");
 }
 
 #[test]

@@ -119,7 +119,7 @@ fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Resul
 }
 
 #[cfg(feature = "cuda")]
-fn kernel_name(activation: Activation, backward: bool) -> &'static str {
+pub(crate) fn kernel_name(activation: Activation, backward: bool) -> &'static str {
     match (activation, backward) {
         (Activation::Relu, false) => "deepmad_relu",
         (Activation::Relu6, false) => "deepmad_relu6",

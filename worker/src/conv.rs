@@ -736,11 +736,14 @@ struct DepthwiseConv(Windows);
 struct DepthwiseBackward(Windows);
 
 /// `DEEPMAD_DEPTHWISE=deepmad` sends fp32 depthwise convolutions on CUDA to deepmad's own kernels
-/// (`cuda_kernels.rs`) instead of cuDNN. Opt-in because those kernels have not run on a GPU yet:
-/// no device time was left after they were written. `bench/gpu_check.sh` checks them against
-/// candle's ops and times both; make them the default once it passes and they are faster.
+/// (`cuda_kernels.rs`) instead of cuDNN. They pass `deepmad bench --check` on an H200, but are
+/// opt-in because they were not faster: with cuDNN's heuristic algorithms for the other
+/// convolutions, the mbconv-se design trained 1.24x faster than with cuDNN's depthwise at batch
+/// 128 but 0.95x as fast at batch 512, and cuDNN with timed algorithms for every convolution
+/// (the default now) was faster than both (`docs/performance.md`). Not yet measured: these
+/// kernels with timed algorithms for the other convolutions.
 #[cfg(feature = "cuda")]
-fn own_depthwise_kernels() -> bool {
+pub(crate) fn own_depthwise_kernels() -> bool {
     static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OWN.get_or_init(|| std::env::var("DEEPMAD_DEPTHWISE").is_ok_and(|value| value == "deepmad"))
 }

@@ -165,6 +165,31 @@ extern "C" __global__ void deepmad_depthwise_backward_weight(
   if (threadIdx.x == 0) dw[blockIdx.x] = partial[0];
 }
 
+// The fused convolution + BatchNorm op's tail (cudnn_conv_bn.rs): y = act(z + r), with act 0
+// none, 1 ReLU, 2 ReLU6, 3 SiLU.
+extern "C" __global__ void deepmad_add_act(
+    float* y, const float* z, const float* r, unsigned int n, int act) {
+  for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += blockDim.x * gridDim.x) {
+    float v = z[i] + r[i];
+    y[i] = act == 1 ? fmaxf(v, 0.0f)
+         : act == 2 ? fminf(fmaxf(v, 0.0f), 6.0f)
+         : act == 3 ? v / (1.0f + expf(-v))
+         : v;
+  }
+}
+
+// SiLU's input gradient where its input was z + r (the residual added before it).
+extern "C" __global__ void deepmad_silu_backward_sum(
+    float* out, const float* z, const float* r, const float* g, unsigned int n) {
+  for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += blockDim.x * gridDim.x) {
+    float v = z[i] + r[i];
+    float s = 1.0f / (1.0f + expf(-v));
+    out[i] = g[i] * s * (1.0f + v * (1.0f - s));
+  }
+}
+
 DEEPMAD_ELEMENTWISE(deepmad_relu, fmaxf(v, 0.0f))
 DEEPMAD_ELEMENTWISE(deepmad_relu6, fminf(fmaxf(v, 0.0f), 6.0f))
 DEEPMAD_ELEMENTWISE(deepmad_silu, v / (1.0f + expf(-v)))
@@ -173,6 +198,42 @@ DEEPMAD_GRADIENT(deepmad_relu6_backward, (v > 0.0f && v < 6.0f) ? d : 0.0f)
 DEEPMAD_GRADIENT(deepmad_silu_backward,
                  d * (1.0f / (1.0f + expf(-v))) * (1.0f + v * (1.0f - 1.0f / (1.0f + expf(-v)))))
 "#;
+
+/// Sets a freshly opened device up for training's allocation pattern: every op allocates its
+/// output and frees it a moment later, thousands of times a step. Measured on an H200 (see
+/// `docs/performance.md`), the host, not the GPU, bounded ResNet-20's step at batch 128.
+/// - cudarc creates two CUDA events with every allocation (and destroys them with it), to order
+///   uses across streams. candle runs each thread's work on one stream (CUDA's per-thread
+///   default stream) and cudarc waits on those events only once a second stream exists in the
+///   context, which deepmad never creates; so they are never used, and not made.
+/// - The stream-ordered allocator's default pool returns all its free memory to the driver at
+///   every synchronisation (its release threshold is 0), so each step mapped its activations
+///   afresh. The threshold is raised to keep freed memory in the pool, as PyTorch's caching
+///   allocator does; the process's GPU memory then stays at its peak.
+pub fn prepare_device(device: &CudaDevice) -> candle_core::Result<()> {
+    let cuda_error = |error: cudarc::driver::DriverError| candle_core::Error::Cuda(Box::new(error));
+    // Safety: no slice of this device exists yet, and none of its streams but candle's is ever
+    // made (see above), so no allocation needs events to be ordered.
+    unsafe { device.disable_event_tracking() };
+    let stream = device.cuda_stream();
+    let context = stream.context();
+    if !context.has_async_alloc() {
+        return Ok(());
+    }
+    use cudarc::driver::{result, sys};
+    let mut threshold = u64::MAX;
+    // Safety: the device is the context's own; the release threshold is a u64 attribute.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(context.cu_device()).map_err(cuda_error)?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .map_err(cuda_error)?;
+    }
+    Ok(())
+}
 
 /// The PTX of [`SOURCE`], compiled on first use.
 fn ptx() -> candle_core::Result<&'static str> {

@@ -10,9 +10,10 @@
 //!   `cudnnConvolutionBackwardData` and `cudnnConvolutionBackwardFilter`;
 //! - grouped and depthwise convolutions are one cuDNN call (its group count), not one call per
 //!   group;
-//! - descriptors and the algorithms cuDNN's heuristics pick are made once per shape and
-//!   cached, and one workspace buffer per device is reused (all work is on candle's one stream,
-//!   so the calls are ordered and cannot overlap).
+//! - descriptors and algorithms are made once per shape and cached (the algorithms timed by
+//!   cuDNN's `Find` calls, or its heuristics' pick: [`AlgoChoice`]), and one workspace buffer
+//!   per device is reused (all work is on candle's one stream, so the calls are ordered and
+//!   cannot overlap).
 //!
 //! BatchNorm's training pass is cuDNN's too ([`batch_norm_train`]): one kernel forward and one
 //! backward instead of candle's chain of reductions and broadcasts.
@@ -50,18 +51,26 @@ pub(crate) struct ConvGeometry {
 }
 
 impl ConvGeometry {
-    fn input_shape(&self) -> Shape {
+    pub(crate) fn new(windows: Windows, out_channels: usize, groups: usize) -> ConvGeometry {
+        ConvGeometry {
+            windows,
+            out_channels,
+            groups,
+        }
+    }
+
+    pub(crate) fn input_shape(&self) -> Shape {
         let w = &self.windows;
         (w.batch, w.channels, w.height, w.width).into()
     }
 
-    fn weight_shape(&self) -> Shape {
+    pub(crate) fn weight_shape(&self) -> Shape {
         let w = &self.windows;
         let per_group = w.channels / self.groups;
         (self.out_channels, per_group, w.kernel, w.kernel).into()
     }
 
-    fn output_shape(&self) -> Shape {
+    pub(crate) fn output_shape(&self) -> Shape {
         let w = &self.windows;
         (w.batch, self.out_channels, w.out_height(), w.out_width()).into()
     }
@@ -89,7 +98,7 @@ pub(crate) fn conv2d(
 
 /// Which of cuDNN's three convolution calls a [`CudnnConv`] makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pass {
+pub(crate) enum Pass {
     /// `(input, weight)` to the output; differentiable, by the two others.
     Forward,
     /// `(weight, output gradient)` to the input gradient.
@@ -118,7 +127,7 @@ impl CudnnConv {
     }
 }
 
-fn cpu_unsupported(op: &str) -> candle_core::Result<(CpuStorage, Shape)> {
+pub(crate) fn cpu_unsupported(op: &str) -> candle_core::Result<(CpuStorage, Shape)> {
     candle_core::bail!("{op} runs on CUDA tensors only (the CPU path is deepmad's im2col)")
 }
 
@@ -154,43 +163,7 @@ impl CustomOp2 for CudnnConv {
         let device = first.device.clone();
         // Safety: cuDNN writes every element of the result (beta = 0).
         let mut out = unsafe { device.alloc::<f32>(shape.elem_count())? };
-        with_plan(&device, self.geometry, |plan, workspace| {
-            let scale = (1f32, 0f32);
-            // Safety: the descriptors were made from this geometry, whose shapes `view` checked
-            // for both operands, and `out` has the result's size.
-            let launched = unsafe {
-                match self.pass {
-                    Pass::Forward => {
-                        let op = ConvForward {
-                            conv: &plan.conv,
-                            x: &plan.x,
-                            w: &plan.w,
-                            y: &plan.y,
-                        };
-                        op.launch(plan.forward, workspace, scale, &a, &b, &mut out)
-                    }
-                    Pass::BackwardData => {
-                        let op = ConvBackwardData {
-                            conv: &plan.conv,
-                            dx: &plan.x,
-                            w: &plan.w,
-                            dy: &plan.y,
-                        };
-                        op.launch(plan.backward_data, workspace, scale, &mut out, &a, &b)
-                    }
-                    Pass::BackwardFilter => {
-                        let op = ConvBackwardFilter {
-                            conv: &plan.conv,
-                            x: &plan.x,
-                            dw: &plan.w,
-                            dy: &plan.y,
-                        };
-                        op.launch(plan.backward_filter, workspace, scale, &a, &mut out, &b)
-                    }
-                }
-            };
-            launched.map_err(cudnn_error)
-        })?;
+        launch_conv(&device, self.geometry, self.pass, &a, &b, &mut out)?;
         Ok((CudaStorage::wrap_cuda_slice(out, device), shape))
     }
 
@@ -215,8 +188,59 @@ impl CustomOp2 for CudnnConv {
     }
 }
 
+/// Runs one of cuDNN's three convolution calls for `geometry` on `device`, writing every element
+/// of `out` (beta = 0). The operands are, by pass: forward `(input, weight)` to the output;
+/// backward-data `(weight, output gradient)` to the input gradient; backward-filter `(input,
+/// output gradient)` to the weight gradient. Each must hold the f32 elements of its shape.
+pub(crate) fn launch_conv(
+    device: &CudaDevice,
+    geometry: ConvGeometry,
+    pass: Pass,
+    a: &impl DevicePtr<f32>,
+    b: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<f32>,
+) -> candle_core::Result<()> {
+    with_plan(device, geometry, |plan, workspace| {
+        let scale = (1f32, 0f32);
+        // Safety: the descriptors were made from this geometry, and the caller passes operands
+        // and a result of its shapes.
+        let launched = unsafe {
+            match pass {
+                Pass::Forward => {
+                    let op = ConvForward {
+                        conv: &plan.conv,
+                        x: &plan.x,
+                        w: &plan.w,
+                        y: &plan.y,
+                    };
+                    op.launch(plan.forward, workspace, scale, a, b, out)
+                }
+                Pass::BackwardData => {
+                    let op = ConvBackwardData {
+                        conv: &plan.conv,
+                        dx: &plan.x,
+                        w: &plan.w,
+                        dy: &plan.y,
+                    };
+                    op.launch(plan.backward_data, workspace, scale, out, a, b)
+                }
+                Pass::BackwardFilter => {
+                    let op = ConvBackwardFilter {
+                        conv: &plan.conv,
+                        x: &plan.x,
+                        dw: &plan.w,
+                        dy: &plan.y,
+                    };
+                    op.launch(plan.backward_filter, workspace, scale, a, out, b)
+                }
+            }
+        };
+        launched.map_err(cudnn_error)
+    })
+}
+
 /// The f32 data of a contiguous tensor of the expected shape.
-fn view<'a>(
+pub(crate) fn view<'a>(
     storage: &'a CudaStorage,
     layout: &Layout,
     expected: &Shape,
@@ -240,7 +264,7 @@ fn view<'a>(
     Ok(storage.as_cuda_slice::<f32>()?.slice(start..end))
 }
 
-fn cudnn_error(error: cudarc::cudnn::CudnnError) -> candle_core::Error {
+pub(crate) fn cudnn_error(error: cudarc::cudnn::CudnnError) -> candle_core::Error {
     candle_core::Error::Cuda(format!("cuDNN: {error:?}").into())
 }
 
@@ -258,7 +282,14 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(cudnn: &Arc<Cudnn>, g: ConvGeometry) -> Result<Plan, cudarc::cudnn::CudnnError> {
+    /// Makes the descriptors for `g` and chooses its three algorithms; `raw` is a handle on the
+    /// same stream, for [`AlgoChoice::Find`].
+    fn new(
+        cudnn: &Arc<Cudnn>,
+        raw: sys::cudnnHandle_t,
+        g: ConvGeometry,
+        choice: AlgoChoice,
+    ) -> Result<Plan, cudarc::cudnn::CudnnError> {
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let int = |value: usize| value as std::ffi::c_int;
         let w = &g.windows;
@@ -299,24 +330,39 @@ impl Plan {
             w: &filter,
             y: &y,
         };
-        let forward = forward_op.pick_algorithm()?;
-        let mut workspace = forward_op.get_workspace_size(forward)?;
         let data_op = ConvBackwardData {
             conv: &conv,
             dx: &x,
             w: &filter,
             dy: &y,
         };
-        let backward_data = data_op.pick_algorithm()?;
-        workspace = workspace.max(data_op.get_workspace_size(backward_data)?);
         let filter_op = ConvBackwardFilter {
             conv: &conv,
             x: &x,
             dw: &filter,
             dy: &y,
         };
-        let backward_filter = filter_op.pick_algorithm()?;
-        workspace = workspace.max(filter_op.get_workspace_size(backward_filter)?);
+        let (forward, backward_data, backward_filter) = match choice {
+            AlgoChoice::Heuristic => (
+                forward_op.pick_algorithm()?,
+                data_op.pick_algorithm()?,
+                filter_op.pick_algorithm()?,
+            ),
+            AlgoChoice::Find => find_algorithms(raw, g)?,
+        };
+        let workspace = forward_op
+            .get_workspace_size(forward)?
+            .max(data_op.get_workspace_size(backward_data)?)
+            .max(filter_op.get_workspace_size(backward_filter)?);
+        tracing::debug!(
+            ?g,
+            ?choice,
+            ?forward,
+            ?backward_data,
+            ?backward_filter,
+            workspace,
+            "cuDNN convolution plan"
+        );
         Ok(Plan {
             x,
             w: filter,
@@ -328,6 +374,189 @@ impl Plan {
             workspace,
         })
     }
+}
+
+/// How a convolution plan's algorithms are chosen, by `DEEPMAD_CUDNN_ALGO`:
+/// - `find` (the default): cuDNN runs every algorithm once per shape and the fastest is kept,
+///   as PyTorch does with `torch.backends.cudnn.benchmark = True`. The first step of each new
+///   shape is slower (a few milliseconds per convolution);
+/// - `heuristic`: cuDNN's heuristics, no device work; what PyTorch does by default. Measured
+///   on an H200, ResNet-20 at batch 128 trained 1.36x faster with `find`
+///   (`docs/performance.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlgoChoice {
+    Heuristic,
+    Find,
+}
+
+/// The choice `DEEPMAD_CUDNN_ALGO` names, read once; an unknown value is an error naming it.
+pub fn algo_choice() -> candle_core::Result<AlgoChoice> {
+    static CHOICE: std::sync::OnceLock<Result<AlgoChoice, String>> = std::sync::OnceLock::new();
+    CHOICE
+        .get_or_init(|| match std::env::var("DEEPMAD_CUDNN_ALGO").as_deref() {
+            Err(_) | Ok("") | Ok("find") => Ok(AlgoChoice::Find),
+            Ok("heuristic") => Ok(AlgoChoice::Heuristic),
+            Ok(other) => Err(format!(
+                "DEEPMAD_CUDNN_ALGO={other:?}: expected \"heuristic\" or \"find\""
+            )),
+        })
+        .clone()
+        .map_err(candle_core::Error::Msg)
+}
+
+/// Raw convolution descriptors for [`find_algorithms`] (cudarc's own are private to it),
+/// destroyed on drop.
+struct RawConv {
+    x: sys::cudnnTensorDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+}
+
+impl RawConv {
+    fn new(g: ConvGeometry) -> Result<RawConv, cudarc::cudnn::CudnnError> {
+        use cudarc::cudnn::result;
+        let int = |value: usize| value as std::ffi::c_int;
+        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let float = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+        let w = &g.windows;
+        let raw = RawConv {
+            x: result::create_tensor_descriptor()?,
+            y: result::create_tensor_descriptor()?,
+            w: result::create_filter_descriptor()?,
+            conv: result::create_convolution_descriptor()?,
+        };
+        let (p, s) = (int(w.padding), int(w.stride));
+        // Safety: freshly created descriptors, set to the same values as cudarc's in Plan::new.
+        unsafe {
+            result::set_tensor4d_descriptor(
+                raw.x,
+                nchw,
+                float,
+                [w.batch, w.channels, w.height, w.width].map(int),
+            )?;
+            result::set_tensor4d_descriptor(
+                raw.y,
+                nchw,
+                float,
+                [w.batch, g.out_channels, w.out_height(), w.out_width()].map(int),
+            )?;
+            result::set_filter4d_descriptor(
+                raw.w,
+                float,
+                nchw,
+                [g.out_channels, w.channels / g.groups, w.kernel, w.kernel].map(int),
+            )?;
+            result::set_convolution2d_descriptor(
+                raw.conv,
+                p,
+                p,
+                s,
+                s,
+                1,
+                1,
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                float,
+            )?;
+            if g.groups > 1 {
+                result::set_convolution_group_count(raw.conv, int(g.groups))?;
+            }
+        }
+        Ok(raw)
+    }
+}
+
+impl Drop for RawConv {
+    fn drop(&mut self) {
+        use cudarc::cudnn::result;
+        // Safety: created in RawConv::new and used by nothing else; errors while tearing down
+        // are ignored (there is nothing left to do with them).
+        unsafe {
+            let _ = result::destroy_tensor_descriptor(self.x);
+            let _ = result::destroy_tensor_descriptor(self.y);
+            let _ = result::destroy_filter_descriptor(self.w);
+            let _ = result::destroy_convolution_descriptor(self.conv);
+        }
+    }
+}
+
+/// Times every algorithm of the three passes for `g` (cuDNN's `Find` calls, which allocate
+/// their own buffers and synchronise) and returns the fastest that succeeded, for each.
+fn find_algorithms(
+    handle: sys::cudnnHandle_t,
+    g: ConvGeometry,
+) -> Result<
+    (
+        sys::cudnnConvolutionFwdAlgo_t,
+        sys::cudnnConvolutionBwdDataAlgo_t,
+        sys::cudnnConvolutionBwdFilterAlgo_t,
+    ),
+    cudarc::cudnn::CudnnError,
+> {
+    use cudarc::cudnn::CudnnError;
+    const MAX: usize = 16;
+    let raw = RawConv::new(g)?;
+    let ok = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
+    // cuDNN sorts the results by time; the first that ran is the fastest.
+    let fastest = |count: std::ffi::c_int, statuses: &[sys::cudnnStatus_t]| {
+        statuses[..count as usize]
+            .iter()
+            .position(|status| *status == ok)
+            .ok_or(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED))
+    };
+    let mut count: std::ffi::c_int = 0;
+    // Safety (the three calls): the descriptors describe one valid convolution (cuDNN checks
+    // them), the result arrays hold MAX entries, and cuDNN writes `count` of them.
+    let mut forward = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; MAX];
+    unsafe {
+        sys::cudnnFindConvolutionForwardAlgorithm(
+            handle,
+            raw.x,
+            raw.w,
+            raw.conv,
+            raw.y,
+            MAX as std::ffi::c_int,
+            &mut count,
+            forward.as_mut_ptr(),
+        )
+    }
+    .result()?;
+    let statuses: Vec<_> = forward.iter().map(|perf| perf.status).collect();
+    let forward = forward[fastest(count, &statuses)?].algo;
+    let mut data = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>() }; MAX];
+    unsafe {
+        sys::cudnnFindConvolutionBackwardDataAlgorithm(
+            handle,
+            raw.w,
+            raw.y,
+            raw.conv,
+            raw.x,
+            MAX as std::ffi::c_int,
+            &mut count,
+            data.as_mut_ptr(),
+        )
+    }
+    .result()?;
+    let statuses: Vec<_> = data.iter().map(|perf| perf.status).collect();
+    let data = data[fastest(count, &statuses)?].algo;
+    let mut filter =
+        [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>() }; MAX];
+    unsafe {
+        sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+            handle,
+            raw.x,
+            raw.y,
+            raw.conv,
+            raw.w,
+            MAX as std::ffi::c_int,
+            &mut count,
+            filter.as_mut_ptr(),
+        )
+    }
+    .result()?;
+    let statuses: Vec<_> = filter.iter().map(|perf| perf.status).collect();
+    let filter = filter[fastest(count, &statuses)?].algo;
+    Ok((forward, data, filter))
 }
 
 /// One device's cuDNN handle, its plans and its workspace. cuDNN handles are neither `Send`
@@ -369,7 +598,10 @@ fn with_plan(
             }
         };
         if !entry.plans.contains_key(&g) {
-            let plan = Plan::new(&entry.cudnn, g).map_err(cudnn_error)?;
+            let choice = algo_choice()?;
+            let plan = with_raw(device, |raw| {
+                Plan::new(&entry.cudnn, raw.handle, g, choice).map_err(cudnn_error)
+            })?;
             entry.plans.insert(g, plan);
         }
         let plan = &entry.plans[&g];
@@ -393,8 +625,8 @@ fn with_plan(
 /// inverse standard deviation, per channel.
 #[derive(Debug)]
 pub struct BatchNormSaved {
-    mean: CudaSlice<f32>,
-    inv_std: CudaSlice<f32>,
+    pub(crate) mean: CudaSlice<f32>,
+    pub(crate) inv_std: CudaSlice<f32>,
 }
 
 /// Where one BatchNorm forward call leaves [`BatchNormSaved`] for its backward pass and for the
@@ -546,40 +778,24 @@ impl CustomOp3 for BatchNormForward {
         let mut ys = unsafe { device.alloc::<f32>(shape.elem_count())? };
         let mut mean = unsafe { device.alloc::<f32>(channels)? };
         let mut inv_std = unsafe { device.alloc::<f32>(channels)? };
-        with_raw_batch_norm(&device, &shape, |handle, data, params| {
-            let (x_ptr, _x) = xs.device_ptr(&stream);
-            let (y_ptr, _y) = ys.device_ptr_mut(&stream);
-            let (w_ptr, _w) = weight.device_ptr(&stream);
-            let (b_ptr, _b) = bias.device_ptr(&stream);
-            let (m_ptr, _m) = mean.device_ptr_mut(&stream);
-            let (s_ptr, _s) = inv_std.device_ptr_mut(&stream);
-            let (one, zero) = (1f32, 0f32);
-            // Safety: the pointers are live device buffers of the sizes the descriptors name;
-            // running statistics are skipped (null), deepmad updates them itself.
-            unsafe {
-                sys::cudnnBatchNormalizationForwardTraining(
-                    handle,
-                    sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
-                    (&one as *const f32).cast(),
-                    (&zero as *const f32).cast(),
-                    data,
-                    x_ptr as *const std::ffi::c_void,
-                    data,
-                    y_ptr as *mut std::ffi::c_void,
-                    params,
-                    w_ptr as *const std::ffi::c_void,
-                    b_ptr as *const std::ffi::c_void,
-                    0.0,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    self.eps,
-                    m_ptr as *mut std::ffi::c_void,
-                    s_ptr as *mut std::ffi::c_void,
-                )
-            }
-            .result()
-            .map_err(cudnn_error)
-        })?;
+        {
+            let (x, _x) = xs.device_ptr(&stream);
+            let (y, _y) = ys.device_ptr_mut(&stream);
+            let (weight, _w) = weight.device_ptr(&stream);
+            let (bias, _b) = bias.device_ptr(&stream);
+            let (mean, _m) = mean.device_ptr_mut(&stream);
+            let (inv_std, _s) = inv_std.device_ptr_mut(&stream);
+            let pointers = BnForward {
+                x,
+                y,
+                weight,
+                bias,
+                mean,
+                inv_std,
+            };
+            // Safety: live device buffers of the sizes `shape` names, held by the guards above.
+            unsafe { batch_norm_forward_raw(&device, &shape, self.eps, pointers) }?;
+        }
         let saved = Arc::new(BatchNormSaved { mean, inv_std });
         *self.stash.lock().expect("no panic while holding the lock") = Some(saved);
         Ok((CudaStorage::wrap_cuda_slice(ys, device), shape))
@@ -650,48 +866,141 @@ impl CustomOp3 for BatchNormBackward {
         let stream = device.cuda_stream();
         // Safety: cuDNN writes every element (beta = 0 for data and parameter gradients).
         let mut out = unsafe { device.alloc::<f32>(count + 2 * channels)? };
-        with_raw_batch_norm(&device, &shape, |handle, data, params| {
-            let (x_ptr, _x) = xs.device_ptr(&stream);
-            let (dy_ptr, _dy) = grad_ys.device_ptr(&stream);
-            let (w_ptr, _w) = weight.device_ptr(&stream);
-            let (m_ptr, _m) = self.saved.mean.device_ptr(&stream);
-            let (s_ptr, _s) = self.saved.inv_std.device_ptr(&stream);
+        {
+            let (x, _x) = xs.device_ptr(&stream);
+            let (dy, _dy) = grad_ys.device_ptr(&stream);
+            let (weight, _w) = weight.device_ptr(&stream);
+            let (mean, _m) = self.saved.mean.device_ptr(&stream);
+            let (inv_std, _s) = self.saved.inv_std.device_ptr(&stream);
             let (out_ptr, _out) = out.device_ptr_mut(&stream);
             let float = std::mem::size_of::<f32>() as u64;
-            let dx = out_ptr;
-            let dw = out_ptr + count as u64 * float;
-            let db = dw + channels as u64 * float;
-            let (one, zero) = (1f32, 0f32);
-            // Safety: as in the forward pass; `out` holds count + 2 * channels floats.
-            unsafe {
-                sys::cudnnBatchNormalizationBackward(
-                    handle,
-                    sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
-                    (&one as *const f32).cast(),
-                    (&zero as *const f32).cast(),
-                    (&one as *const f32).cast(),
-                    (&zero as *const f32).cast(),
-                    data,
-                    x_ptr as *const std::ffi::c_void,
-                    data,
-                    dy_ptr as *const std::ffi::c_void,
-                    data,
-                    dx as *mut std::ffi::c_void,
-                    params,
-                    w_ptr as *const std::ffi::c_void,
-                    dw as *mut std::ffi::c_void,
-                    db as *mut std::ffi::c_void,
-                    self.eps,
-                    m_ptr as *const std::ffi::c_void,
-                    s_ptr as *const std::ffi::c_void,
-                )
-            }
-            .result()
-            .map_err(cudnn_error)
-        })?;
+            let pointers = BnBackward {
+                x,
+                dy,
+                weight,
+                mean,
+                inv_std,
+                dx: out_ptr,
+                dweight: out_ptr + count as u64 * float,
+                dbias: out_ptr + (count + channels) as u64 * float,
+            };
+            // Safety: live device buffers, held by the guards above; `out` holds count + 2 *
+            // channels floats.
+            unsafe { batch_norm_backward_raw(&device, &shape, self.eps, pointers) }?;
+        }
         let shape = Shape::from(count + 2 * channels);
         Ok((CudaStorage::wrap_cuda_slice(out, device), shape))
     }
+}
+
+/// Device addresses (of f32 buffers) for [`batch_norm_forward_raw`].
+pub(crate) struct BnForward {
+    pub x: u64,
+    pub y: u64,
+    pub weight: u64,
+    pub bias: u64,
+    /// Written: the batch mean and inverse standard deviation per channel.
+    pub mean: u64,
+    pub inv_std: u64,
+}
+
+/// `cudnnBatchNormalizationForwardTraining` (spatial mode, batch statistics, no running
+/// statistics: deepmad updates them itself) on NCHW data of `shape`.
+///
+/// # Safety
+/// Every pointer must address a live f32 device buffer on `device`'s stream: `x` and `y` of
+/// `shape`'s size, the others of its channel count.
+pub(crate) unsafe fn batch_norm_forward_raw(
+    device: &CudaDevice,
+    shape: &Shape,
+    eps: f64,
+    p: BnForward,
+) -> candle_core::Result<()> {
+    use std::ffi::c_void;
+    with_raw_batch_norm(device, shape, |handle, data, params| {
+        let (one, zero) = (1f32, 0f32);
+        // Safety: the caller guarantees the buffers; the descriptors match `shape`.
+        unsafe {
+            sys::cudnnBatchNormalizationForwardTraining(
+                handle,
+                sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                (&one as *const f32).cast(),
+                (&zero as *const f32).cast(),
+                data,
+                p.x as *const c_void,
+                data,
+                p.y as *mut c_void,
+                params,
+                p.weight as *const c_void,
+                p.bias as *const c_void,
+                0.0,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                eps,
+                p.mean as *mut c_void,
+                p.inv_std as *mut c_void,
+            )
+        }
+        .result()
+        .map_err(cudnn_error)
+    })
+}
+
+/// Device addresses (of f32 buffers) for [`batch_norm_backward_raw`].
+pub(crate) struct BnBackward {
+    pub x: u64,
+    pub dy: u64,
+    pub weight: u64,
+    pub mean: u64,
+    pub inv_std: u64,
+    /// Written: the input gradient and the weight's and bias's.
+    pub dx: u64,
+    pub dweight: u64,
+    pub dbias: u64,
+}
+
+/// `cudnnBatchNormalizationBackward` with the statistics the forward pass saved; writes every
+/// element of the three gradients (beta = 0).
+///
+/// # Safety
+/// As [`batch_norm_forward_raw`]: `x`, `dy` and `dx` of `shape`'s size, the others of its
+/// channel count.
+pub(crate) unsafe fn batch_norm_backward_raw(
+    device: &CudaDevice,
+    shape: &Shape,
+    eps: f64,
+    p: BnBackward,
+) -> candle_core::Result<()> {
+    use std::ffi::c_void;
+    with_raw_batch_norm(device, shape, |handle, data, params| {
+        let (one, zero) = (1f32, 0f32);
+        // Safety: the caller guarantees the buffers; the descriptors match `shape`.
+        unsafe {
+            sys::cudnnBatchNormalizationBackward(
+                handle,
+                sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                (&one as *const f32).cast(),
+                (&zero as *const f32).cast(),
+                (&one as *const f32).cast(),
+                (&zero as *const f32).cast(),
+                data,
+                p.x as *const c_void,
+                data,
+                p.dy as *const c_void,
+                data,
+                p.dx as *mut c_void,
+                params,
+                p.weight as *const c_void,
+                p.dweight as *mut c_void,
+                p.dbias as *mut c_void,
+                eps,
+                p.mean as *const c_void,
+                p.inv_std as *const c_void,
+            )
+        }
+        .result()
+        .map_err(cudnn_error)
+    })
 }
 
 /// Raw cuDNN handles and BatchNorm descriptors: cudarc's safe API has no BatchNorm, and its
@@ -721,17 +1030,13 @@ thread_local! {
     static RAW: RefCell<HashMap<DeviceId, RawState>> = RefCell::new(HashMap::new());
 }
 
-fn with_raw_batch_norm(
+/// Runs `f` with this thread's raw cuDNN state for `device` (made on first use, on candle's
+/// stream for that device).
+fn with_raw<T>(
     device: &CudaDevice,
-    shape: &Shape,
-    launch: impl FnOnce(
-        sys::cudnnHandle_t,
-        sys::cudnnTensorDescriptor_t,
-        sys::cudnnTensorDescriptor_t,
-    ) -> candle_core::Result<()>,
-) -> candle_core::Result<()> {
+    f: impl FnOnce(&mut RawState) -> candle_core::Result<T>,
+) -> candle_core::Result<T> {
     use cudarc::cudnn::result;
-    let (n, c, h, w) = shape.dims4()?;
     RAW.with(|raw| {
         let mut raw = raw.borrow_mut();
         if !raw.contains_key(&device.id()) {
@@ -750,6 +1055,22 @@ fn with_raw_batch_norm(
                 })
             }
         };
+        f(state)
+    })
+}
+
+fn with_raw_batch_norm(
+    device: &CudaDevice,
+    shape: &Shape,
+    launch: impl FnOnce(
+        sys::cudnnHandle_t,
+        sys::cudnnTensorDescriptor_t,
+        sys::cudnnTensorDescriptor_t,
+    ) -> candle_core::Result<()>,
+) -> candle_core::Result<()> {
+    use cudarc::cudnn::result;
+    let (n, c, h, w) = shape.dims4()?;
+    with_raw(device, |state| {
         let key = [n, c, h, w];
         if let std::collections::hash_map::Entry::Vacant(slot) = state.descriptors.entry(key) {
             let int = |value: usize| value as std::ffi::c_int;

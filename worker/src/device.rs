@@ -21,10 +21,15 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(ordinal) => {
-                Device::new_cuda(ordinal).map_err(|error| WorkerError::Device {
+                let failed = |error: candle_core::Error| WorkerError::Device {
                     spec: self.to_string(),
                     reason: error.to_string(),
-                })
+                };
+                let device = Device::new_cuda(ordinal).map_err(failed)?;
+                #[cfg(feature = "cuda")]
+                crate::cuda_kernels::prepare_device(device.as_cuda_device().map_err(failed)?)
+                    .map_err(failed)?;
+                Ok(device)
             }
         }
     }

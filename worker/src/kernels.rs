@@ -180,6 +180,26 @@ pub fn check(device: &Device) -> candle_core::Result<Vec<CheckRow>> {
         rows.push(check_batch_norm(device, shape, 100 + index as u64)?);
     }
     rows.push(check_running_statistics(device)?);
+    use deepmad_design::Activation::{Relu, Relu6, Silu};
+    // The fused convolution + BatchNorm (+ residual) (+ activation) training op: a basic
+    // block's second layer, a strided layer, a depthwise one, a 1x1 projection.
+    let fused = [
+        (CHECK_CASES[1], true, Some(Relu)),
+        (CHECK_CASES[2], false, Some(Relu6)),
+        (CHECK_CASES[5], true, Some(Silu)),
+        (CHECK_CASES[5], false, Some(Silu)),
+        (CHECK_CASES[3], false, None),
+        (CHECK_CASES[1], true, None),
+    ];
+    for (index, (case, residual, activation)) in fused.into_iter().enumerate() {
+        rows.push(check_conv_bn(
+            device,
+            case,
+            residual,
+            activation,
+            400 + index as u64,
+        )?);
+    }
     for activation in [
         deepmad_design::Activation::Relu,
         deepmad_design::Activation::Relu6,
@@ -347,6 +367,163 @@ fn check_case(device: &Device, case: CheckCase, seed: u64) -> candle_core::Resul
             ("weight grad", relative_error(&ours[2], &reference[2])?),
         ],
     })
+}
+
+/// The fused training op of [`crate::norm::BatchNorm2d::conv_forward_act`] on `device` (the
+/// CPU's or the CUDA one) against candle's stock convolution, BatchNorm, add and activation on
+/// the CPU: output and the gradients of the input, the convolution weight, BatchNorm's weight
+/// and bias, and the residual.
+fn check_conv_bn(
+    device: &Device,
+    case: CheckCase,
+    with_residual: bool,
+    activation: Option<deepmad_design::Activation>,
+    seed: u64,
+) -> candle_core::Result<CheckRow> {
+    let padding = case.kernel / 2;
+    let geometry = (case.stride, padding, case.groups);
+    let input_shape = (case.batch, case.in_channels, case.side, case.side);
+    let weight_shape = (
+        case.out_channels,
+        case.in_channels / case.groups,
+        case.kernel,
+        case.kernel,
+    );
+    let input = pattern(input_shape, seed * 7 + 1)?;
+    let weight = pattern(weight_shape, seed * 7 + 2)?;
+    let affine =
+        pattern((2, case.out_channels, 1, 1), seed * 7 + 3)?.reshape((2, case.out_channels))?;
+    let missing = || candle_core::Error::Msg("conv + batch norm check: no gradient".into());
+    let run = |kernels: Kernels, device: &Device| -> candle_core::Result<Vec<Tensor>> {
+        let xs = Var::from_tensor(&input.to_device(device)?)?;
+        let ws = Var::from_tensor(&weight.to_device(device)?)?;
+        let bn_weight = Var::from_tensor(&(affine.get(0)?.to_device(device)? + 1.5)?)?;
+        let bn_bias = Var::from_tensor(&affine.get(1)?.to_device(device)?)?;
+        let out_shape = crate::conv::conv2d_with(
+            Kernels::Stock,
+            &input.narrow(0, 0, 1)?,
+            &weight,
+            case.stride,
+            padding,
+            case.groups,
+        )?
+        .dims4()?;
+        let out_shape = (case.batch, out_shape.1, out_shape.2, out_shape.3);
+        let residual = if with_residual {
+            Some(Var::from_tensor(
+                &(pattern(out_shape, seed * 7 + 4)? * 2.0)?.to_device(device)?,
+            )?)
+        } else {
+            None
+        };
+        let residual_tensor = residual.as_ref().map(Var::as_tensor);
+        let (xs_t, ws_t) = (xs.as_tensor(), ws.as_tensor());
+        let (bw, bb) = (bn_weight.as_tensor(), bn_bias.as_tensor());
+        let ys = match kernels {
+            Kernels::Stock => {
+                let conv = crate::conv::conv2d_with(
+                    Kernels::Stock,
+                    xs_t,
+                    ws_t,
+                    case.stride,
+                    padding,
+                    case.groups,
+                )?;
+                let (mut ys, _) = crate::norm::train_batch_norm(Kernels::Stock, &conv, bw, bb)?;
+                if let Some(residual) = residual_tensor {
+                    ys = (ys + residual)?;
+                }
+                match activation {
+                    Some(activation) => {
+                        crate::activation::activate_with(Kernels::Stock, &ys, activation)?
+                    }
+                    None => ys,
+                }
+            }
+            Kernels::Deepmad if device.is_cpu() => {
+                crate::conv_bn::train(xs_t, ws_t, geometry, bw, bb, residual_tensor, activation)?
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg("conv + batch norm: no CPU kernel".into())
+                    })?
+                    .0
+            }
+            Kernels::Deepmad => {
+                fused_on_device(xs_t, ws_t, geometry, (bw, bb), residual_tensor, activation)?
+            }
+        };
+        let probe = pattern(out_shape, seed * 7 + 5)?.to_device(device)?;
+        let grads = (&ys * &probe)?.sum_all()?.backward()?;
+        let cpu = Device::Cpu;
+        let mut values = vec![ys.to_device(&cpu)?];
+        for var in [Some(&xs), Some(&ws), Some(&bn_weight), Some(&bn_bias)]
+            .into_iter()
+            .chain([residual.as_ref()])
+            .flatten()
+        {
+            let grad = grads.get(var.as_tensor()).ok_or_else(missing)?;
+            values.push(grad.to_device(&cpu)?);
+        }
+        Ok(values)
+    };
+    let ours = run(Kernels::Deepmad, device)?;
+    let reference = run(Kernels::Stock, &Device::Cpu)?;
+    let names = [
+        "forward",
+        "input grad",
+        "weight grad",
+        "bn weight grad",
+        "bn bias grad",
+        "residual grad",
+    ];
+    let errors = names
+        .into_iter()
+        .zip(ours.iter().zip(&reference))
+        .map(|(name, (ours, reference))| Ok((name, relative_error(ours, reference)?)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let residual = if with_residual { " + residual" } else { "" };
+    let activation = activation.map_or("none".to_string(), |a| format!("{a:?}").to_lowercase());
+    Ok(CheckRow {
+        case: format!("conv+bn {case}{residual} {activation}"),
+        errors,
+    })
+}
+
+/// The fused op on a CUDA device (cuDNN's).
+#[cfg(feature = "cuda")]
+fn fused_on_device(
+    xs: &Tensor,
+    weight: &Tensor,
+    geometry: (usize, usize, usize),
+    (bn_weight, bn_bias): (&Tensor, &Tensor),
+    residual: Option<&Tensor>,
+    activation: Option<deepmad_design::Activation>,
+) -> candle_core::Result<Tensor> {
+    let (ys, _) = crate::cudnn_conv_bn::train(
+        xs,
+        weight,
+        geometry,
+        bn_weight,
+        bn_bias,
+        residual,
+        activation,
+        crate::norm::EPS,
+    )?;
+    Ok(ys)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_on_device(
+    xs: &Tensor,
+    _: &Tensor,
+    _: (usize, usize, usize),
+    _: (&Tensor, &Tensor),
+    _: Option<&Tensor>,
+    _: Option<deepmad_design::Activation>,
+) -> candle_core::Result<Tensor> {
+    candle_core::bail!(
+        "the fused conv + batch norm op has no kernel for {:?} in this build",
+        xs.device().location()
+    )
 }
 
 /// A fixed pseudo-random pattern in [-1, 1) on the CPU (no RNG state involved).

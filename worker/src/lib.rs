@@ -29,6 +29,8 @@ mod conv_bn;
 mod cuda_kernels;
 #[cfg(feature = "cuda")]
 pub mod cudnn;
+#[cfg(feature = "cuda")]
+mod cudnn_conv_bn;
 pub mod data;
 pub mod device;
 mod direct;

@@ -91,9 +91,9 @@ impl BatchNorm2d {
         }
     }
 
-    /// `act(bn(conv(xs)) + residual)` for [`crate::blocks::ConvBn`]: in training mode on the CPU
-    /// with deepmad's kernels one fused op ([`crate::conv_bn`]), elsewhere the convolution and
-    /// [`BatchNorm2d::forward_act`].
+    /// `act(bn(conv(xs)) + residual)` for [`crate::blocks::ConvBn`]: in training mode with
+    /// deepmad's kernels one fused op ([`crate::conv_bn`] on the CPU, `cudnn_conv_bn` on CUDA),
+    /// elsewhere the convolution and [`BatchNorm2d::forward_act`].
     pub(crate) fn conv_forward_act(
         &self,
         xs: &Tensor,
@@ -119,8 +119,55 @@ impl BatchNorm2d {
                 return Ok(ys);
             }
         }
+        #[cfg(feature = "cuda")]
+        if self.fuses_on_cuda(xs, weight, train, residual, groups)? {
+            let geometry = (stride, padding, groups);
+            let (ys, stash) = crate::cudnn_conv_bn::train(
+                xs,
+                weight,
+                geometry,
+                &self.weight,
+                &self.bias,
+                residual,
+                activation,
+                EPS,
+            )?;
+            crate::cudnn::update_running_statistics(
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                stash,
+                self.momentum,
+                EPS,
+                self.count(&ys)?,
+            )?;
+            return Ok(ys);
+        }
         let ys = crate::conv::conv2d(xs, weight, stride, padding, groups)?;
         self.forward_act(&ys, train, residual, activation)
+    }
+
+    /// Whether training on CUDA uses the fused cuDNN op ([`crate::cudnn_conv_bn`]): only with
+    /// `DEEPMAD_CUDA_CONV_BN=fused` (see [`crate::cudnn_conv_bn::enabled`]), f32 and deepmad's
+    /// kernels, and not for a depthwise convolution when deepmad's own depthwise kernels were
+    /// chosen (`DEEPMAD_DEPTHWISE=deepmad`; the fused op calls cuDNN).
+    #[cfg(feature = "cuda")]
+    fn fuses_on_cuda(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        train: bool,
+        residual: Option<&Tensor>,
+        groups: usize,
+    ) -> candle_core::Result<bool> {
+        let depthwise = groups > 1 && groups == xs.dim(1)? && weight.dim(0)? == groups;
+        Ok(train
+            && crate::cudnn_conv_bn::enabled()?
+            && crate::kernels::current() == crate::kernels::Kernels::Deepmad
+            && xs.device().is_cuda()
+            && xs.dtype() == DType::F32
+            && weight.dtype() == DType::F32
+            && residual.is_none_or(|r| r.dtype() == DType::F32)
+            && !(depthwise && crate::conv::own_depthwise_kernels()))
     }
 
     /// Whether training on `xs` (BatchNorm's input, or the convolution's before it) can use the
