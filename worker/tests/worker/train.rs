@@ -162,6 +162,84 @@ fn resuming_from_a_checkpoint_continues_identically() {
     );
 }
 
+/// Records every step the hooks see; stops once `stop_at` steps were seen, if set.
+#[derive(Default)]
+struct Recorder {
+    steps: Vec<(u64, u64, f64)>,
+    stop_at: Option<u64>,
+}
+
+impl TrainHooks for Recorder {
+    fn on_step(&mut self, progress: &StepProgress) -> Control {
+        let position = progress.position;
+        self.steps
+            .push((position.global_step, position.batch, progress.loss));
+        match self.stop_at {
+            Some(stop) if position.global_step >= stop => Control::Stop,
+            _ => Control::Continue,
+        }
+    }
+}
+
+#[test]
+fn reading_losses_back_every_few_steps_changes_nothing_but_timing() {
+    // 8 steps an epoch, read back every 3: at steps 3 and 6, and at each epoch's end.
+    let data = mnist(256, 64);
+    let recipe = quick_recipe(2, 32);
+    let mut every_step =
+        Trainer::new(spec(recipe.clone(), 7), Arc::clone(&data), options(None)).unwrap();
+    let mut seen_each = Recorder::default();
+    let TrainOutcome::Completed(each) = every_step
+        .run(&mut seen_each, &CancellationFlag::new())
+        .unwrap()
+    else {
+        panic!("expected completion");
+    };
+    let deferred_options = TrainerOptions {
+        sync_every_steps: 3,
+        ..options(None)
+    };
+    let mut deferred =
+        Trainer::new(spec(recipe.clone(), 7), Arc::clone(&data), deferred_options).unwrap();
+    let mut seen_deferred = Recorder::default();
+    let TrainOutcome::Completed(later) = deferred
+        .run(&mut seen_deferred, &CancellationFlag::new())
+        .unwrap()
+    else {
+        panic!("expected completion");
+    };
+    assert_eq!(comparable(&later.epochs), comparable(&each.epochs));
+    assert_eq!(seen_deferred.steps, seen_each.steps, "every step, in order");
+    assert_eq!(seen_each.steps.len(), 16);
+    assert_eq!(weights(&deferred), weights(&every_step));
+
+    // A hook's stop at step 4 takes effect at the next read-back, step 6, and the state
+    // counts all six steps.
+    let mut stopped = Trainer::new(
+        spec(recipe, 7),
+        data,
+        TrainerOptions {
+            sync_every_steps: 3,
+            ..options(None)
+        },
+    )
+    .unwrap();
+    let mut stop_at_4 = Recorder {
+        stop_at: Some(4),
+        ..Recorder::default()
+    };
+    let outcome = stopped
+        .run(&mut stop_at_4, &CancellationFlag::new())
+        .unwrap();
+    let TrainOutcome::Stopped { reason, state } = outcome else {
+        panic!("expected a stop");
+    };
+    assert_eq!(reason, StopReason::Hook);
+    assert_eq!((state.position.epoch, state.position.batch), (0, 6));
+    assert_eq!(state.epoch_sums.samples, 6 * 32);
+    assert_eq!(stop_at_4.steps.len(), 6);
+}
+
 /// Cancels once the first epoch has been evaluated.
 struct CancelAtEpochEnd(CancellationFlag);
 
