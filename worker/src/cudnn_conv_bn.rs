@@ -213,22 +213,21 @@ impl ConvBnAct {
             // Safety: live buffers of the sizes the shape names, held by the guards above.
             unsafe { batch_norm_forward_raw(&device, &shape, self.eps, pointers) }?;
         }
-        let ys = match (residual, self.activation) {
-            (None, None) => bn_out,
+        let ys = match (&residual, self.activation) {
+            // No residual, no activation: BatchNorm's output is the op's.
+            (None, None) => {
+                let ys = bn_out;
+                self.keep(conv_out, None, mean, inv_std);
+                return Ok((CudaStorage::wrap_cuda_slice(ys, device), shape));
+            }
             (None, Some(activation)) => {
                 let mut ys = unsafe { device.alloc::<f32>(n)? };
                 let z = bn_out.slice(..);
                 let name = crate::activation::kernel_name(activation, false);
                 let mut out = ys.slice_mut(..);
-                launch(
-                    &device,
-                    name,
-                    n,
-                    &mut [Arg::Out(&mut out), Arg::In(&z), Arg::U32(n as u32)],
-                )?;
-                drop(out);
-                self.keep(conv_out, bn_out, mean, inv_std);
-                return Ok((CudaStorage::wrap_cuda_slice(ys, device), shape));
+                let mut args = [Arg::Out(&mut out), Arg::In(&z), Arg::U32(n as u32)];
+                launch(&device, name, n, &mut args)?;
+                ys
             }
             (Some(residual), activation) => {
                 let mut ys = unsafe { device.alloc::<f32>(n)? };
@@ -237,24 +236,16 @@ impl ConvBnAct {
                 let mut args = [
                     Arg::Out(&mut out),
                     Arg::In(&z),
-                    Arg::In(&residual),
+                    Arg::In(residual),
                     Arg::U32(n as u32),
                     Arg::I32(activation_code(activation)),
                 ];
                 launch(&device, "deepmad_add_act", n, &mut args)?;
-                drop(out);
-                self.keep(conv_out, bn_out, mean, inv_std);
-                return Ok((CudaStorage::wrap_cuda_slice(ys, device), shape));
+                ys
             }
         };
-        // No residual, no activation: BatchNorm's output is the op's.
-        let saved = Arc::new(BatchNormSaved { mean, inv_std });
-        *self.stash.lock().expect("no panic while holding the lock") = Some(Arc::clone(&saved));
-        *self.saved.lock().expect("no panic while holding the lock") = Some(Saved {
-            conv_out,
-            bn_out: None,
-            stats: saved,
-        });
+        let bn_out = (self.activation == Some(Activation::Silu)).then_some(bn_out);
+        self.keep(conv_out, bn_out, mean, inv_std);
         Ok((CudaStorage::wrap_cuda_slice(ys, device), shape))
     }
 
@@ -262,13 +253,12 @@ impl ConvBnAct {
     fn keep(
         &self,
         conv_out: CudaSlice<f32>,
-        bn_out: CudaSlice<f32>,
+        bn_out: Option<CudaSlice<f32>>,
         mean: CudaSlice<f32>,
         inv_std: CudaSlice<f32>,
     ) {
         let stats = Arc::new(BatchNormSaved { mean, inv_std });
         *self.stash.lock().expect("no panic while holding the lock") = Some(Arc::clone(&stats));
-        let bn_out = (self.activation == Some(Activation::Silu)).then_some(bn_out);
         *self.saved.lock().expect("no panic while holding the lock") = Some(Saved {
             conv_out,
             bn_out,
