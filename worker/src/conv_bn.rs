@@ -273,27 +273,50 @@ impl CustomOp3 for ConvBnActBackward {
         let (dparams, dresidual) = rest.split_at_mut(params.len());
         let (dweight, daffine) = dparams.split_at_mut(forward.weight_len);
         // BatchNorm's input gradient is the convolution's output gradient: scratch only.
-        let mut grad_conv_out = vec![0f32; n_out];
-        let bn = Forward {
-            input: &saved.conv_out,
-            planes,
-            affine,
-            stats: &saved.stats,
-            residual,
-            activation: forward.activation,
-        };
-        let gradients = Gradients {
-            input: &mut grad_conv_out,
-            affine: daffine,
-            residual: residual.map(|_| dresidual),
-        };
-        backward_values(&bn, grad, gradients);
-        let dx = self.input_gradient.then_some(dx);
-        forward
-            .conv
-            .backward(input, weight, &grad_conv_out, dx, dweight);
+        with_scratch(n_out, |grad_conv_out| {
+            let bn = Forward {
+                input: &saved.conv_out,
+                planes,
+                affine,
+                stats: &saved.stats,
+                residual,
+                activation: forward.activation,
+            };
+            let gradients = Gradients {
+                input: &mut *grad_conv_out,
+                affine: daffine,
+                residual: residual.map(|_| dresidual),
+            };
+            backward_values(&bn, grad, gradients);
+            let dx = self.input_gradient.then_some(dx);
+            forward
+                .conv
+                .backward(input, weight, grad_conv_out, dx, dweight);
+        });
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
+}
+
+thread_local! {
+    /// The scratch of [`with_scratch`]: the largest one this thread has needed.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a scratch slice of `len` floats whose contents are left over from earlier
+/// calls: for buffers that `f` writes in full before it reads them (the convolution's output
+/// gradient, which BatchNorm's backward pass writes element by element). Reusing the thread's
+/// buffer saves an allocation and a zero fill of an activation-sized buffer per layer and step.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        // Taken out while `f` runs, so a nested call gets its own buffer instead of a panic.
+        let mut buffer = cell.take();
+        if buffer.len() < len {
+            buffer.resize(len, 0.0);
+        }
+        let result = f(&mut buffer[..len]);
+        cell.replace(buffer);
+        result
+    })
 }
 
 #[cfg(test)]
