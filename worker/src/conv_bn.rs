@@ -142,23 +142,36 @@ impl ConvBnAct {
             residual: residual.cloned(),
         };
         let flat = xs.apply_op3_no_bwd(params, &grad.contiguous()?, &op)?;
-        let mut start = 0;
-        let mut take = |len: usize| {
-            let view = flat.narrow(0, start, len);
-            start += len;
-            view
-        };
-        let dx = if input_gradient {
-            Some(take(xs.elem_count())?.reshape(xs.shape())?)
-        } else {
-            None
-        };
-        let dparams = take(params.elem_count())?;
-        let dresidual = residual
-            .map(|r| take(r.elem_count())?.reshape(r.shape()))
-            .transpose()?;
-        Ok((dx, dparams, dresidual))
+        split_gradients(&flat, xs, params, residual, input_gradient)
     }
+}
+
+/// Splits a fused op's backward buffer (the input's gradient when `input_gradient`, then the
+/// parameters', then the residual's when there is one) into views of their shapes. Shared by
+/// the CPU op and its CUDA twin (`cudnn_conv_bn`).
+pub(crate) fn split_gradients(
+    flat: &Tensor,
+    xs: &Tensor,
+    params: &Tensor,
+    residual: Option<&Tensor>,
+    input_gradient: bool,
+) -> candle_core::Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+    let mut start = 0;
+    let mut take = |len: usize| {
+        let view = flat.narrow(0, start, len);
+        start += len;
+        view
+    };
+    let dx = if input_gradient {
+        Some(take(xs.elem_count())?.reshape(xs.shape())?)
+    } else {
+        None
+    };
+    let dparams = take(params.elem_count())?;
+    let dresidual = residual
+        .map(|r| take(r.elem_count())?.reshape(r.shape()))
+        .transpose()?;
+    Ok((dx, dparams, dresidual))
 }
 
 impl CustomOp2 for ConvBnAct {

@@ -283,22 +283,7 @@ impl ConvBnAct {
             ys: ys.clone(),
         };
         let flat = xs.apply_op3_no_bwd(params, &grad.contiguous()?, &op)?;
-        let mut start = 0;
-        let mut take = |len: usize| {
-            let view = flat.narrow(0, start, len);
-            start += len;
-            view
-        };
-        let dx = if input_gradient {
-            Some(take(xs.elem_count())?.reshape(xs.shape())?)
-        } else {
-            None
-        };
-        let dparams = take(params.elem_count())?;
-        let dresidual = residual
-            .map(|r| take(r.elem_count())?.reshape(r.shape()))
-            .transpose()?;
-        Ok((dx, dparams, dresidual))
+        crate::conv_bn::split_gradients(&flat, xs, params, residual, input_gradient)
     }
 }
 
