@@ -48,21 +48,7 @@ pub(crate) fn train(
         saved: Arc::clone(&saved),
     };
     let params = params(weight, bn_weight, bn_bias)?;
-    let xs = xs.contiguous()?;
-    let ys = match residual {
-        Some(residual) => {
-            let expected = conv.output_shape();
-            if residual.shape() != &expected {
-                candle_core::bail!(
-                    "conv + batch norm residual: shape {:?} does not match the output's {:?}",
-                    residual.shape(),
-                    expected
-                );
-            }
-            xs.apply_op3(&params, &residual.contiguous()?, op)?
-        }
-        None => xs.apply_op2(&params, op)?,
-    };
+    let ys = apply(xs, &params, residual, &conv.output_shape(), op)?;
     let stats = saved
         .lock()
         .expect("no panic while holding the lock")
@@ -72,10 +58,39 @@ pub(crate) fn train(
     Ok(Some((ys, stats)))
 }
 
+/// Applies a fused op (this CPU one or its CUDA twin) to `xs` and the parameters, with the
+/// residual as a third input when there is one; the residual must have the output's shape.
+pub(crate) fn apply<Op: CustomOp2 + CustomOp3 + Send + Sync + 'static>(
+    xs: &Tensor,
+    params: &Tensor,
+    residual: Option<&Tensor>,
+    output: &Shape,
+    op: Op,
+) -> candle_core::Result<Tensor> {
+    let xs = xs.contiguous()?;
+    match residual {
+        Some(residual) => {
+            if residual.shape() != output {
+                candle_core::bail!(
+                    "conv + batch norm residual: shape {:?} does not match the output's {:?}",
+                    residual.shape(),
+                    output
+                );
+            }
+            xs.apply_op3(params, &residual.contiguous()?, op)
+        }
+        None => xs.apply_op2(params, op),
+    }
+}
+
 /// The op's parameter input: the convolution weight flattened, then BatchNorm's weight and
 /// bias. Parameters are small (at most a few hundred thousand values), so the concatenation and
 /// the split of its gradient are cheap.
-fn params(weight: &Tensor, bn_weight: &Tensor, bn_bias: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn params(
+    weight: &Tensor,
+    bn_weight: &Tensor,
+    bn_bias: &Tensor,
+) -> candle_core::Result<Tensor> {
     Tensor::cat(&[&weight.flatten_all()?, bn_weight, bn_bias], 0)
 }
 

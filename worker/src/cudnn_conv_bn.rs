@@ -83,22 +83,8 @@ pub(crate) fn train(
         saved: Arc::new(Mutex::new(None)),
         stash: Arc::clone(&stash),
     };
-    let params = Tensor::cat(&[&weight.flatten_all()?, bn_weight, bn_bias], 0)?;
-    let xs = xs.contiguous()?;
-    let ys = match residual {
-        Some(residual) => {
-            let expected = geometry.output_shape();
-            if residual.shape() != &expected {
-                candle_core::bail!(
-                    "conv + batch norm residual: shape {:?} does not match the output's {:?}",
-                    residual.shape(),
-                    expected
-                );
-            }
-            xs.apply_op3(&params, &residual.contiguous()?, op)?
-        }
-        None => xs.apply_op2(&params, op)?,
-    };
+    let params = crate::conv_bn::params(weight, bn_weight, bn_bias)?;
+    let ys = crate::conv_bn::apply(xs, &params, residual, &geometry.output_shape(), op)?;
     Ok((ys, stash))
 }
 
