@@ -133,7 +133,7 @@ pub fn conv2d_with(
     }
     let cpu_f32 = xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32;
     if cpu_f32 {
-        if let Some(conv) = CpuConv::new(windows, out_channels, groups) {
+        if let Some(conv) = CpuConv::new(windows, out_channels, groups)? {
             let (xs, weight) = (xs.contiguous()?, weight.contiguous()?);
             return match conv {
                 CpuConv::Dense(op) => xs.apply_op2(&weight, op),
@@ -165,17 +165,24 @@ pub(crate) enum CpuConv {
 impl CpuConv {
     /// The kernels for `groups` of 1 or depthwise; `None` for other group counts (not a family
     /// the IR has).
-    pub(crate) fn new(windows: Windows, out_channels: usize, groups: usize) -> Option<CpuConv> {
-        if groups == 1 {
+    /// An error only for a `DEEPMAD_CPU_DIRECT` this CPU cannot follow
+    /// ([`crate::direct::Kernel::chosen`]).
+    pub(crate) fn new(
+        windows: Windows,
+        out_channels: usize,
+        groups: usize,
+    ) -> candle_core::Result<Option<CpuConv>> {
+        Ok(if groups == 1 {
             Some(CpuConv::Dense(DenseConv {
                 windows,
                 out_channels,
+                simd: crate::direct::Kernel::chosen()?,
             }))
         } else if groups == windows.channels && out_channels == windows.channels {
             Some(CpuConv::Depthwise(windows))
         } else {
             None
-        }
+        })
     }
 
     /// `(batch, out, out_height, out_width)`.
@@ -232,6 +239,8 @@ impl CpuConv {
 pub(crate) struct DenseConv {
     windows: Windows,
     out_channels: usize,
+    /// The direct kernel's tiling, for the convolutions that use it ([`DenseConv::direct`]).
+    simd: crate::direct::Kernel,
 }
 
 /// Both gradients of [`DenseConv`] from `(input, weight, output gradient)`, in one buffer: the
@@ -290,6 +299,7 @@ impl DenseConv {
             height: w.height,
             width: w.width,
             kernel: w.kernel,
+            simd: self.simd,
         })
     }
 
@@ -483,6 +493,8 @@ impl DenseConv {
         let flipped = gradient_direct
             .map(|direct| direct.pack(&self.flipped_weight(weight)))
             .unwrap_or_default();
+        // The weight gradient on the padded grid, with no im2col, where there is a kernel.
+        let weight_direct = self.direct().and_then(|direct| direct.weight_gradient());
         // The weight gradient is a sum over images. Each thread sums a fixed, contiguous slice
         // of the groups in order and the slices' partial sums are added in slice order, so the
         // summation order, and with it every bit of the result, does not depend on which
@@ -502,15 +514,44 @@ impl DenseConv {
                 let several = group > 1;
                 let mut scratch = BackwardScratch {
                     grad_weight: vec![0f32; out * rows],
-                    cols: vec![0f32; if pointwise { 0 } else { rows * width }],
+                    cols: vec![
+                        0f32;
+                        if pointwise || weight_direct.is_some() {
+                            0
+                        } else {
+                            rows * width
+                        }
+                    ],
                     grad_cols: if pointwise || transposed || !input_gradient {
                         Vec::new()
                     } else {
                         vec![0f32; rows * width]
                     },
-                    grad_y: vec![0f32; if several { out * width } else { 0 }],
+                    grad_y: vec![
+                        0f32;
+                        if several && weight_direct.is_none() {
+                            out * width
+                        } else {
+                            0
+                        }
+                    ],
                     direct: gradient_direct.map(|direct| direct.scratch()),
                 };
+                if let Some(direct) = &weight_direct {
+                    let mut direct_scratch = direct.scratch();
+                    let images = direct.images();
+                    let pairs = input
+                        .chunks(images * image_len)
+                        .zip(grad_ys.chunks(images * out * pixels));
+                    for (images, grad_ys) in pairs {
+                        direct.accumulate(
+                            images,
+                            grad_ys,
+                            &mut direct_scratch,
+                            &mut scratch.grad_weight,
+                        );
+                    }
+                }
                 let groups = input
                     .chunks(group * image_len)
                     .zip(grad_ys.chunks(group * out * pixels))
@@ -518,52 +559,50 @@ impl DenseConv {
                 for (index, (images, grad_ys)) in groups {
                     let count = images.len() / image_len;
                     let n = count * pixels;
-                    let cols: &[f32] = if pointwise {
-                        images
+                    // The weight gradient's share of the group, unless computed above; the
+                    // output gradients as an operand for the input gradient's products.
+                    let grad_y = if weight_direct.is_some() {
+                        None
                     } else {
-                        for (j, image) in images.chunks(image_len).enumerate() {
-                            im2col_into(&w, image, &mut scratch.cols, width, j * pixels);
-                        }
-                        &scratch.cols
-                    };
-                    // The group's output gradients side by side, as the forward's product (a
-                    // single image's gradient already is).
-                    let grad_y = if count == 1 {
-                        Operand::row_major(grad_ys, pixels)
-                    } else {
-                        for (j, image_grad) in grad_ys.chunks(out * pixels).enumerate() {
-                            for (o, plane) in image_grad.chunks(pixels).enumerate() {
-                                scratch.grad_y[o * width + j * pixels..][..pixels]
-                                    .copy_from_slice(plane);
+                        let cols: &[f32] = if pointwise {
+                            images
+                        } else {
+                            for (j, image) in images.chunks(image_len).enumerate() {
+                                im2col_into(&w, image, &mut scratch.cols, width, j * pixels);
                             }
-                        }
-                        Operand::row_major(&scratch.grad_y, width)
+                            &scratch.cols
+                        };
+                        // The group's output gradients side by side, as the forward's product (a
+                        // single image's gradient already is).
+                        let grad_y = if count == 1 {
+                            Operand::row_major(grad_ys, pixels)
+                        } else {
+                            for (j, image_grad) in grad_ys.chunks(out * pixels).enumerate() {
+                                for (o, plane) in image_grad.chunks(pixels).enumerate() {
+                                    scratch.grad_y[o * width + j * pixels..][..pixels]
+                                        .copy_from_slice(plane);
+                                }
+                            }
+                            Operand::row_major(&scratch.grad_y, width)
+                        };
+                        let cols_stride = if pointwise { pixels } else { width };
+                        // grad_weight (out x rows) += grad_y (out x n) * cols^T (n x rows),
+                        // accumulated column-major (as rows x out): the gemm crate then packs
+                        // grad_y, `out` rows, instead of the columns, `in * k * k` rows.
+                        matmul_strided(
+                            (&mut scratch.grad_weight, 1, out),
+                            true,
+                            grad_y,
+                            Operand::transposed(cols, cols_stride),
+                            (out, rows, n),
+                        );
+                        Some(grad_y)
                     };
-                    let cols_stride = if pointwise { pixels } else { width };
-                    // grad_weight (out x rows) += grad_y (out x n) * cols^T (n x rows),
-                    // accumulated column-major (as rows x out): the gemm crate then packs
-                    // grad_y, `out` rows, instead of the columns, `in * k * k` rows.
-                    matmul_strided(
-                        (&mut scratch.grad_weight, 1, out),
-                        true,
-                        grad_y,
-                        Operand::transposed(cols, cols_stride),
-                        (out, rows, n),
-                    );
                     let Some(grad_xs) = grad_xs.as_deref_mut() else {
                         continue;
                     };
                     let grad_xs = &mut grad_xs[index * group * image_len..][..images.len()];
-                    if pointwise {
-                        // grad_x (in x pixels) = weight^T (in x out) * grad_y.
-                        matmul(
-                            (grad_xs, pixels),
-                            false,
-                            Operand::transposed(weight, rows),
-                            grad_y,
-                            (rows, n, out),
-                        );
-                    } else if let (Some(direct), Some(direct_scratch)) =
+                    if let (Some(direct), Some(direct_scratch)) =
                         (gradient_direct, scratch.direct.as_mut())
                     {
                         // grad_x = grad_y * flipped, directly per image.
@@ -573,6 +612,19 @@ impl DenseConv {
                         for (image_grad, grad_x) in pairs {
                             direct.run(image_grad, &flipped, direct_scratch, grad_x);
                         }
+                        continue;
+                    }
+                    // A direct weight gradient implies a direct input gradient (same shapes).
+                    let grad_y = grad_y.expect("direct weight gradient without direct input");
+                    if pointwise {
+                        // grad_x (in x pixels) = weight^T (in x out) * grad_y.
+                        matmul(
+                            (grad_xs, pixels),
+                            false,
+                            Operand::transposed(weight, rows),
+                            grad_y,
+                            (rows, n, out),
+                        );
                     } else {
                         // grad_cols (rows x n) = weight^T (rows x out) * grad_y, then col2im.
                         matmul(

@@ -37,7 +37,7 @@ pub(crate) fn train(
     activation: Option<Activation>,
 ) -> candle_core::Result<Option<(Tensor, ChannelStats)>> {
     let (windows, out_channels) = crate::conv::Windows::of(xs, weight, stride, padding)?;
-    let Some(conv) = CpuConv::new(windows, out_channels, groups) else {
+    let Some(conv) = CpuConv::new(windows, out_channels, groups)? else {
         return Ok(None);
     };
     let saved = Arc::new(Mutex::new(None));

@@ -16,6 +16,12 @@ pub(crate) fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
+/// Whether this CPU runs AVX-512F code (the direct convolution's widest kernel).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
 /// `multiversion! { fn name(arg: Type, ...) -> Ret { body } }` defines `name` with that
 /// signature (no generics, no `self`), dispatching to a copy of `body` compiled with AVX2 and
 /// FMA where the CPU has them. Write the body's loops over slices with simple indexing, so that
