@@ -257,7 +257,7 @@ fn positive_bounded(value: u32, name: &str) -> Result<(), String> {
 }
 
 fn check_kernel(kernel: u32) -> Result<(), String> {
-    if kernel % 2 == 0 || kernel > 15 {
+    if kernel.is_multiple_of(2) || kernel > 15 {
         return Err(format!("kernel must be odd and at most 15, got {kernel}"));
     }
     Ok(())

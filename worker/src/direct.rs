@@ -327,19 +327,23 @@ impl Direct {
         let (width, row, vector) = (self.width, self.row(), self.simd.vector());
         let half = vector / 2;
         let vectors = self.height * width / vector;
-        // (input offset, output offset) of vector `v`.
-        let (place, upper): (Box<dyn Fn(usize) -> (usize, usize)>, usize) = if width % vector == 0 {
-            let place = move |v: usize| {
+        // Vector `v`'s input offset on the grid and output offset in the plane, and where its
+        // upper half starts relative to its lower half.
+        let two_rows =
+            width == half && self.simd == Kernel::Avx512 && self.height.is_multiple_of(2);
+        if width % vector != 0 && !two_rows {
+            return None;
+        }
+        let place = |v: usize| {
+            if two_rows {
+                (2 * v * row, 2 * v * width)
+            } else {
                 let (y, x) = (v * vector / width, v * vector % width);
                 (y * row + x, y * width + x)
-            };
-            (Box::new(place), half)
-        } else if width == half && self.simd == Kernel::Avx512 && self.height % 2 == 0 {
-            (Box::new(move |v: usize| (2 * v * row, 2 * v * width)), row)
-        } else {
-            return None;
+            }
         };
-        if vectors == 0 || vectors % 2 != 0 {
+        let upper = if two_rows { row } else { half };
+        if vectors == 0 || !vectors.is_multiple_of(2) {
             return None;
         }
         let tiles = (0..vectors)

@@ -515,7 +515,7 @@ impl Trainer {
     /// Whether a periodic checkpoint falls on the step just taken.
     fn periodic_checkpoint_due(&self) -> bool {
         let step = self.state.position.global_step;
-        matches!(self.options.checkpoint_every_steps, Some(every) if every > 0 && step % every == 0)
+        matches!(self.options.checkpoint_every_steps, Some(every) if every > 0 && step.is_multiple_of(every))
     }
 
     fn result(&self) -> TrialResult {

@@ -304,7 +304,7 @@ fn check_block(block: &TinyBlock) -> Result<(), (&'static str, String)> {
     positive_bounded(block.in_channels()).map_err(|reason| ("in", reason))?;
     positive_bounded(block.out()).map_err(|reason| ("out", reason))?;
     let kernel = block.kernel();
-    if kernel % 2 == 0 || kernel > 15 {
+    if kernel.is_multiple_of(2) || kernel > 15 {
         return Err(("k", format!("must be odd and at most 15, got {kernel}")));
     }
     let stride = block.stride();
