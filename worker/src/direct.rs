@@ -360,6 +360,28 @@ impl Direct {
     }
 }
 
+/// One 16-lane vector at `$at` in an AVX-512 function: contiguous, or with `$split` its upper
+/// 8 lanes `$upper` values after its lower 8. A macro, not a function or closure, so that it is
+/// compiled with the calling function's target features; the caller is responsible for the
+/// pointer's bounds.
+#[cfg(target_arch = "x86_64")]
+macro_rules! load_16 {
+    ($split:expr, $upper:expr, $at:expr) => {{
+        use std::arch::x86_64::{
+            _mm256_castps_pd, _mm256_loadu_ps, _mm512_castpd_ps, _mm512_castps256_ps512,
+            _mm512_castps_pd, _mm512_insertf64x4, _mm512_loadu_ps,
+        };
+        let at: *const f32 = $at;
+        if $split {
+            let low = _mm512_castps256_ps512(_mm256_loadu_ps(at));
+            let high = _mm256_castps_pd(_mm256_loadu_ps(at.add($upper)));
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(low), high))
+        } else {
+            _mm512_loadu_ps(at)
+        }
+    }};
+}
+
 /// Output positions that [`WeightGradient`] sums over per tile before reducing its registers:
 /// small maps take several images at a time.
 const WEIGHT_GRADIENT_POSITIONS: usize = 512;
@@ -509,9 +531,7 @@ unsafe fn weight_tiles_avx512<const SPLIT: bool>(
     (packed, sums): (&mut [f32], &mut [f32]),
 ) {
     use std::arch::x86_64::{
-        _mm256_castps_pd, _mm256_loadu_ps, _mm512_castpd_ps, _mm512_castps256_ps512,
-        _mm512_castps_pd, _mm512_fmadd_ps, _mm512_insertf64x4, _mm512_loadu_ps,
-        _mm512_reduce_add_ps, _mm512_setzero_ps,
+        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_reduce_add_ps, _mm512_setzero_ps,
     };
     const BLOCK: usize = 8;
     const LANES: usize = 16;
@@ -521,18 +541,6 @@ unsafe fn weight_tiles_avx512<const SPLIT: bool>(
     let upper = grid.upper;
     let per_image = vectors.len() * BLOCK * LANES;
     let packed = &mut packed[..count * per_image];
-    macro_rules! load {
-        ($at:expr) => {
-            if SPLIT {
-                let at: *const f32 = $at;
-                let low = _mm512_castps256_ps512(_mm256_loadu_ps(at));
-                let high = _mm256_castps_pd(_mm256_loadu_ps(at.add(upper)));
-                _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(low), high))
-            } else {
-                _mm512_loadu_ps($at)
-            }
-        };
-    }
     for first in (0..out).step_by(BLOCK) {
         let lanes = BLOCK.min(out - first);
         for (image, target) in packed.chunks_exact_mut(per_image).enumerate() {
@@ -563,9 +571,9 @@ unsafe fn weight_tiles_avx512<const SPLIT: bool>(
                         let mut g = packed.as_ptr().add(image * per_image);
                         for &(input, _) in vectors {
                             let at = x.add(input);
-                            let x0 = load!(at.add(s0));
-                            let x1 = load!(at.add(s1));
-                            let x2 = load!(at.add(s2));
+                            let x0 = load_16!(SPLIT, upper, at.add(s0));
+                            let x1 = load_16!(SPLIT, upper, at.add(s1));
+                            let x2 = load_16!(SPLIT, upper, at.add(s2));
                             for (lane, tap_sums) in acc.iter_mut().enumerate() {
                                 let gy = _mm512_loadu_ps(g.add(lane * LANES));
                                 tap_sums[0] = _mm512_fmadd_ps(gy, x0, tap_sums[0]);
@@ -740,27 +748,10 @@ unsafe fn tiles_avx2(grid: Grid, weights: &[f32], tiles: &[Tile], out: Out) {
 #[target_feature(enable = "avx512f")]
 #[allow(unsafe_code)]
 unsafe fn tiles_avx512<const SPLIT: bool>(grid: Grid, weights: &[f32], tiles: &[Tile], out: Out) {
-    use std::arch::x86_64::{
-        _mm256_castps_pd, _mm256_loadu_ps, _mm512_castpd_ps, _mm512_castps256_ps512,
-        _mm512_castps_pd, _mm512_fmadd_ps, _mm512_insertf64x4, _mm512_loadu_ps, _mm512_set1_ps,
-        _mm512_setzero_ps, _mm512_storeu_ps,
-    };
+    use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps};
     const BLOCK: usize = 8;
     let (channels, plane) = grid.planes;
     let upper = grid.upper;
-    // A macro, not a closure, so that it is compiled with this function's features.
-    macro_rules! load {
-        ($at:expr) => {
-            if SPLIT {
-                let at: *const f32 = $at;
-                let low = _mm512_castps256_ps512(_mm256_loadu_ps(at));
-                let high = _mm256_castps_pd(_mm256_loadu_ps(at.add(upper)));
-                _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(low), high))
-            } else {
-                _mm512_loadu_ps($at)
-            }
-        };
-    }
     for tile in tiles {
         // Safety: see the function's contract.
         unsafe {
@@ -770,7 +761,10 @@ unsafe fn tiles_avx512<const SPLIT: bool>(grid: Grid, weights: &[f32], tiles: &[
                 let base0 = grid.padded.as_ptr().add(c * plane + tile.input[0]);
                 let base1 = grid.padded.as_ptr().add(c * plane + tile.input[1]);
                 for &shift in grid.shifts {
-                    let (x0, x1) = (load!(base0.add(shift)), load!(base1.add(shift)));
+                    let (x0, x1) = (
+                        load_16!(SPLIT, upper, base0.add(shift)),
+                        load_16!(SPLIT, upper, base1.add(shift)),
+                    );
                     for (lane, pair) in acc.iter_mut().enumerate() {
                         let weight = _mm512_set1_ps(*w.add(lane));
                         pair[0] = _mm512_fmadd_ps(weight, x0, pair[0]);
