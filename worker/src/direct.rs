@@ -826,6 +826,36 @@ fn tiles_portable(simd: Kernel, grid: Grid, weights: &[f32], tiles: &[Tile], out
 mod tests {
     use super::*;
 
+    /// Every kernel this CPU runs on every shape `(in, out, height, width, kernel)`.
+    fn cases(shapes: &[(usize, usize, usize, usize, usize)]) -> Vec<Direct> {
+        Kernel::available()
+            .into_iter()
+            .flat_map(|simd| {
+                shapes.iter().map(
+                    move |&(channels, out_channels, height, width, kernel)| Direct {
+                        channels,
+                        out_channels,
+                        height,
+                        width,
+                        kernel,
+                        simd,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Deterministic test values in [-1, 1), a different sequence per `salt`.
+    fn value(i: usize, salt: usize) -> f32 {
+        ((i * 7919 + salt * 104_729) % 97) as f32 / 48.0 - 1.0
+    }
+
+    /// The unpadded input position that output position `y` reads through tap row (or column)
+    /// `k` with padding `p`, on a side of `size`; `None` in the padding.
+    fn source(y: usize, k: usize, p: usize, size: usize) -> Option<usize> {
+        (y + k).checked_sub(p).filter(|&i| i < size)
+    }
+
     /// Every kernel this CPU runs, against the definition, on shapes with partial blocks and
     /// tiles, several kernel sizes and maps narrower than the filter.
     #[test]
@@ -845,21 +875,10 @@ mod tests {
             (3, 17, 3, 32, 3),
             (4, 8, 4, 8, 5),
         ];
-        for (simd, (channels, out, h, w, kernel)) in Kernel::available()
-            .into_iter()
-            .flat_map(|simd| shapes.map(|shape| (simd, shape)))
-        {
-            let conv = Direct {
-                channels,
-                out_channels: out,
-                height: h,
-                width: w,
-                kernel,
-                simd,
-            };
+        for conv in cases(&shapes) {
+            let (channels, out, h, w) = (conv.channels, conv.out_channels, conv.height, conv.width);
+            let (kernel, simd) = (conv.kernel, conv.simd);
             let side = format!("{h}x{w}");
-            let value =
-                |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 97) as f32 / 48.0 - 1.0;
             let image: Vec<f32> = (0..channels * h * w).map(|i| value(i, 1)).collect();
             let weight: Vec<f32> = (0..out * channels * kernel * kernel)
                 .map(|i| value(i, 2))
@@ -878,13 +897,14 @@ mod tests {
                         for c in 0..channels {
                             for ky in 0..kernel {
                                 for kx in 0..kernel {
-                                    let (iy, ix) = (y + ky, x + kx);
-                                    if iy < p || ix < p || iy - p >= h || ix - p >= w {
+                                    let (Some(iy), Some(ix)) =
+                                        (source(y, ky, p, h), source(x, kx, p, w))
+                                    else {
                                         continue;
-                                    }
+                                    };
                                     expected += weight
                                         [((o * channels + c) * kernel + ky) * kernel + kx]
-                                        * image[(c * h + iy - p) * w + ix - p];
+                                        * image[(c * h + iy) * w + ix];
                                 }
                             }
                         }
@@ -912,25 +932,14 @@ mod tests {
             (1, 3, 2, 32, 3),
         ];
         let mut ran = 0;
-        for (simd, (channels, out, h, w, kernel)) in Kernel::available()
-            .into_iter()
-            .flat_map(|simd| shapes.map(|shape| (simd, shape)))
-        {
-            let conv = Direct {
-                channels,
-                out_channels: out,
-                height: h,
-                width: w,
-                kernel,
-                simd,
-            };
+        for conv in cases(&shapes) {
+            let (channels, out, h, w) = (conv.channels, conv.out_channels, conv.height, conv.width);
+            let (kernel, simd) = (conv.kernel, conv.simd);
             let Some(gradient) = conv.weight_gradient() else {
                 assert_ne!(simd, Kernel::Avx512, "{channels}->{out} {h}x{w} k{kernel}");
                 continue;
             };
             ran += 1;
-            let value =
-                |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 97) as f32 / 48.0 - 1.0;
             let count = gradient.images().min(3);
             let pixels = h * w;
             let images: Vec<f32> = (0..count * channels * pixels)
@@ -956,12 +965,13 @@ mod tests {
                         for j in 0..count {
                             for y in 0..h {
                                 for x in 0..w {
-                                    let (iy, ix) = (y + ky, x + kx);
-                                    if iy < p || ix < p || iy - p >= h || ix - p >= w {
+                                    let (Some(iy), Some(ix)) =
+                                        (source(y, ky, p, h), source(x, kx, p, w))
+                                    else {
                                         continue;
-                                    }
+                                    };
                                     let gy = grad_ys[((j * out + o) * h + y) * w + x];
-                                    let xv = images[((j * channels + c) * h + iy - p) * w + ix - p];
+                                    let xv = images[((j * channels + c) * h + iy) * w + ix];
                                     expected += f64::from(gy) * f64::from(xv);
                                 }
                             }
