@@ -241,17 +241,18 @@ pub(crate) fn forward_values(
     }
     let stats = statistics(input, planes);
     let (scale, shift, _) = affine_terms(&stats, affine);
-    let mut output = vec![0f32; input.len()];
-    output
-        .par_chunks_mut(planes.plane)
-        .zip(input.par_chunks(planes.plane))
-        .enumerate()
-        .for_each(|(index, (out, values))| {
-            let c = index % planes.channels;
-            let offset = index * planes.plane;
-            let residual = residual.map(|r| &r[offset..offset + planes.plane]);
-            forward_plane(out, values, residual, (scale[c], shift[c]), activation);
-        });
+    let output = crate::buffer::filled_by(input.len(), "batch norm", |output| {
+        output
+            .par_chunks_mut(planes.plane)
+            .zip(input.par_chunks(planes.plane))
+            .enumerate()
+            .for_each(|(index, (out, values))| {
+                let c = index % planes.channels;
+                let offset = index * planes.plane;
+                let residual = residual.map(|r| &r[offset..offset + planes.plane]);
+                forward_plane(out, values, residual, (scale[c], shift[c]), activation);
+            });
+    });
     Ok((output, stats))
 }
 
@@ -457,14 +458,6 @@ impl BnActBackward {
         let planes = Planes::of(layout.shape())?;
         let n = input.len();
         let len = out_len(n, planes.channels, residual);
-        let mut out = vec![0f32; len];
-        let (dx, rest) = out.split_at_mut(n);
-        let (daffine, dresidual) = rest.split_at_mut(2 * planes.channels);
-        let gradients = Gradients {
-            input: dx,
-            affine: daffine,
-            residual: residual.map(|_| dresidual),
-        };
         let forward = Forward {
             input,
             planes,
@@ -473,7 +466,16 @@ impl BnActBackward {
             residual,
             activation: self.activation,
         };
-        backward_values(&forward, grad, gradients);
+        let out = crate::buffer::filled_by(len, "batch norm backward", |out| {
+            let (dx, rest) = out.split_at_mut(n);
+            let (daffine, dresidual) = rest.split_at_mut(2 * planes.channels);
+            let gradients = Gradients {
+                input: dx,
+                affine: daffine,
+                residual: residual.map(|_| dresidual),
+            };
+            backward_values(&forward, grad, gradients);
+        });
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }

@@ -316,10 +316,16 @@ impl DenseConv {
 
     /// The output, `(batch, out, out_height, out_width)` row-major, of `input * weight`.
     fn forward_values(&self, input: &[f32], weight: &[f32]) -> Vec<f32> {
+        let (_, pixels) = self.dims();
+        let len = self.windows.batch * self.out_channels * pixels;
+        crate::buffer::filled_by(len, "conv2d", |ys| self.forward_into(input, weight, ys))
+    }
+
+    /// Writes every element of [`DenseConv::forward_values`] into `ys`.
+    fn forward_into(&self, input: &[f32], weight: &[f32], ys: &mut [f32]) {
         let (rows, pixels) = self.dims();
         let (w, out, group) = (self.windows, self.out_channels, self.group());
         let width = group * pixels;
-        let mut ys = vec![0f32; w.batch * out * pixels];
         if let Some(direct) = self.direct() {
             let packed = direct.pack(weight);
             ys.par_chunks_mut(out * pixels)
@@ -328,7 +334,7 @@ impl DenseConv {
                     || direct.scratch(),
                     |scratch, (ys, image)| direct.run(image, &packed, scratch, ys),
                 );
-            return ys;
+            return;
         }
         ys.par_chunks_mut(group * out * pixels)
             .zip(input.par_chunks(group * self.image_len()))
@@ -374,7 +380,6 @@ impl DenseConv {
                     }
                 },
             );
-        ys
     }
 
     /// The weight for [`DenseConv::transposed_gradient`]: `(in, out, k, k)` with the taps
@@ -463,10 +468,12 @@ impl CustomOp3 for DenseConvBackward {
         let input = contiguous_f32(xs, xs_layout, "conv2d backward")?;
         let weight = contiguous_f32(weight, weight_layout, "conv2d backward")?;
         let grad_ys = contiguous_f32(grad_ys, grad_layout, "conv2d backward")?;
-        let mut grads = vec![0f32; input.len() + weight.len()];
-        let (grad_xs, grad_weight) = grads.split_at_mut(input.len());
-        self.0
-            .backward_values(input, weight, grad_ys, Some(grad_xs), grad_weight);
+        let len = input.len() + weight.len();
+        let grads = crate::buffer::filled_by(len, "conv2d backward", |grads| {
+            let (grad_xs, grad_weight) = grads.split_at_mut(input.len());
+            self.0
+                .backward_values(input, weight, grad_ys, Some(grad_xs), grad_weight);
+        });
         let shape = Shape::from(grads.len());
         Ok((CpuStorage::F32(grads), shape))
     }

@@ -296,30 +296,31 @@ impl CustomOp3 for ConvBnActBackward {
         let n_in = if self.input_gradient { input.len() } else { 0 };
         let n_out = grad.len();
         let len = n_in + params.len() + residual.map_or(0, |_| n_out);
-        let mut out = vec![0f32; len];
-        let (dx, rest) = out.split_at_mut(n_in);
-        let (dparams, dresidual) = rest.split_at_mut(params.len());
-        let (dweight, daffine) = dparams.split_at_mut(forward.weight_len);
-        // BatchNorm's input gradient is the convolution's output gradient: scratch only.
-        with_scratch(n_out, |grad_conv_out| {
-            let bn = Forward {
-                input: &saved.conv_out,
-                planes,
-                affine,
-                stats: &saved.stats,
-                residual,
-                activation: forward.activation,
-            };
-            let gradients = Gradients {
-                input: &mut *grad_conv_out,
-                affine: daffine,
-                residual: residual.map(|_| dresidual),
-            };
-            backward_values(&bn, grad, gradients);
-            let dx = self.input_gradient.then_some(dx);
-            forward
-                .conv
-                .backward(input, weight, grad_conv_out, dx, dweight);
+        let out = crate::buffer::filled_by(len, what, |out| {
+            let (dx, rest) = out.split_at_mut(n_in);
+            let (dparams, dresidual) = rest.split_at_mut(params.len());
+            let (dweight, daffine) = dparams.split_at_mut(forward.weight_len);
+            // BatchNorm's input gradient is the convolution's output gradient: scratch only.
+            with_scratch(n_out, |grad_conv_out| {
+                let bn = Forward {
+                    input: &saved.conv_out,
+                    planes,
+                    affine,
+                    stats: &saved.stats,
+                    residual,
+                    activation: forward.activation,
+                };
+                let gradients = Gradients {
+                    input: &mut *grad_conv_out,
+                    affine: daffine,
+                    residual: residual.map(|_| dresidual),
+                };
+                backward_values(&bn, grad, gradients);
+                let dx = self.input_gradient.then_some(dx);
+                forward
+                    .conv
+                    .backward(input, weight, grad_conv_out, dx, dweight);
+            });
         });
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }

@@ -20,6 +20,7 @@
 pub mod activation;
 pub mod blocks;
 mod bn_act;
+mod buffer;
 pub mod checkpoint;
 pub mod client;
 pub mod control;
