@@ -292,10 +292,10 @@ impl Direct {
     }
 
     /// The weight gradient computed on the padded grid as well (no im2col), where there is a
-    /// kernel for it: AVX-512 and output rows of whole vectors ([`Direct::row_tiles`]).
+    /// kernel for it: AVX-512 or AVX2, and output rows of whole vectors ([`Direct::row_tiles`]).
     /// Elsewhere the caller takes im2col and a matrix product.
     pub(crate) fn weight_gradient(&self) -> Option<WeightGradient> {
-        if self.simd != Kernel::Avx512 {
+        if self.simd == Kernel::Portable {
             return None;
         }
         let (tiles, upper) = self.row_tiles()?;
@@ -500,6 +500,29 @@ impl WeightGradient {
             }
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::has_avx2_fma() && d.simd == Kernel::Avx2 {
+            let grid = Grid {
+                padded,
+                planes: (d.channels, d.plane()),
+                shifts: &shifts,
+                upper: self.upper,
+            };
+            // Safety: the CPU has AVX2 and FMA; the asserts above bound every load (an 8-lane
+            // vector is contiguous on the grid), and the output gradient is indexed within
+            // `count * out * pixels`.
+            #[allow(unsafe_code)]
+            unsafe {
+                weight_tiles_avx2(
+                    grid,
+                    grad_ys,
+                    (count, d.out_channels, pixels),
+                    &self.vectors,
+                    (&mut scratch.packed, sums),
+                )
+            }
+            return;
+        }
         panic!(
             "direct weight gradient: this CPU cannot run the {:?} kernel",
             d.simd
@@ -543,19 +566,7 @@ unsafe fn weight_tiles_avx512<const SPLIT: bool>(
     let packed = &mut packed[..count * per_image];
     for first in (0..out).step_by(BLOCK) {
         let lanes = BLOCK.min(out - first);
-        for (image, target) in packed.chunks_exact_mut(per_image).enumerate() {
-            for (&(_, output), vector) in vectors.iter().zip(target.chunks_exact_mut(BLOCK * LANES))
-            {
-                for (lane, values) in vector.chunks_exact_mut(LANES).enumerate() {
-                    if lane < lanes {
-                        let plane_start = (image * out + first + lane) * pixels + output;
-                        values.copy_from_slice(&grad_ys[plane_start..][..LANES]);
-                    } else {
-                        values.fill(0.0);
-                    }
-                }
-            }
-        }
+        pack_gradients::<BLOCK, LANES>(grad_ys, (first, lanes), (out, pixels), vectors, packed);
         for c in 0..channels {
             for chunk in (0..taps).step_by(TAPS) {
                 let used = TAPS.min(taps - chunk);
@@ -589,6 +600,106 @@ unsafe fn weight_tiles_avx512<const SPLIT: bool>(
                                 _mm512_reduce_add_ps(sum);
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// [`weight_tiles_avx512`]'s twin in AVX2: a tile is 4 output channels by 3 taps, 12 of the 16
+/// ymm registers, over 8-lane vectors (contiguous on the grid: AVX2 row tiles need rows of
+/// whole vectors). The output gradients are packed as `[image][vector][lane][8]`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA, and the offsets are within bounds as the caller asserts.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(unsafe_code)]
+unsafe fn weight_tiles_avx2(
+    grid: Grid,
+    grad_ys: &[f32],
+    (count, out, pixels): (usize, usize, usize),
+    vectors: &[(usize, usize)],
+    (packed, sums): (&mut [f32], &mut [f32]),
+) {
+    use std::arch::x86_64::{
+        _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_ps,
+        _mm256_setzero_ps, _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps,
+    };
+    const BLOCK: usize = 4;
+    const LANES: usize = 8;
+    const TAPS: usize = 3;
+    let (channels, plane) = grid.planes;
+    let taps = grid.shifts.len();
+    let per_image = vectors.len() * BLOCK * LANES;
+    let packed = &mut packed[..count * per_image];
+    for first in (0..out).step_by(BLOCK) {
+        let lanes = BLOCK.min(out - first);
+        pack_gradients::<BLOCK, LANES>(grad_ys, (first, lanes), (out, pixels), vectors, packed);
+        for c in 0..channels {
+            for chunk in (0..taps).step_by(TAPS) {
+                let used = TAPS.min(taps - chunk);
+                // A last chunk of fewer taps repeats its first tap's shift and drops the sums.
+                let shift = |i: usize| grid.shifts[chunk + if i < used { i } else { 0 }];
+                let (s0, s1, s2) = (shift(0), shift(1), shift(2));
+                // Safety: see the function's contract; `packed` holds `count * per_image`.
+                unsafe {
+                    let zero = _mm256_setzero_ps();
+                    let mut acc = [[zero; TAPS]; BLOCK];
+                    for image in 0..count {
+                        let x = grid.padded.as_ptr().add((image * channels + c) * plane);
+                        let mut g = packed.as_ptr().add(image * per_image);
+                        for &(input, _) in vectors {
+                            let at = x.add(input);
+                            let x0 = _mm256_loadu_ps(at.add(s0));
+                            let x1 = _mm256_loadu_ps(at.add(s1));
+                            let x2 = _mm256_loadu_ps(at.add(s2));
+                            for (lane, tap_sums) in acc.iter_mut().enumerate() {
+                                let gy = _mm256_loadu_ps(g.add(lane * LANES));
+                                tap_sums[0] = _mm256_fmadd_ps(gy, x0, tap_sums[0]);
+                                tap_sums[1] = _mm256_fmadd_ps(gy, x1, tap_sums[1]);
+                                tap_sums[2] = _mm256_fmadd_ps(gy, x2, tap_sums[2]);
+                            }
+                            g = g.add(BLOCK * LANES);
+                        }
+                    }
+                    for (lane, tap_sums) in acc.iter().enumerate().take(lanes) {
+                        for (i, &sum) in tap_sums.iter().enumerate().take(used) {
+                            let quad = _mm_add_ps(
+                                _mm256_castps256_ps128(sum),
+                                _mm256_extractf128_ps::<1>(sum),
+                            );
+                            let pair = _mm_hadd_ps(quad, quad);
+                            sums[(c * taps + chunk + i) * out + first + lane] +=
+                                _mm_cvtss_f32(_mm_hadd_ps(pair, pair));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs the output gradients of channels `first..first + lanes` as
+/// `[image][vector][lane][LANES]` (channels past `lanes` zero, up to `BLOCK`), for the weight
+/// gradient's tiles to read at fixed offsets from one pointer.
+#[inline(always)]
+fn pack_gradients<const BLOCK: usize, const LANES: usize>(
+    grad_ys: &[f32],
+    (first, lanes): (usize, usize),
+    (out, pixels): (usize, usize),
+    vectors: &[(usize, usize)],
+    packed: &mut [f32],
+) {
+    let per_image = vectors.len() * BLOCK * LANES;
+    for (image, target) in packed.chunks_exact_mut(per_image).enumerate() {
+        for (&(_, output), vector) in vectors.iter().zip(target.chunks_exact_mut(BLOCK * LANES)) {
+            for (lane, values) in vector.chunks_exact_mut(LANES).enumerate() {
+                if lane < lanes {
+                    let plane_start = (image * out + first + lane) * pixels + output;
+                    values.copy_from_slice(&grad_ys[plane_start..][..LANES]);
+                } else {
+                    values.fill(0.0);
                 }
             }
         }
@@ -936,7 +1047,11 @@ mod tests {
             let (channels, out, h, w) = (conv.channels, conv.out_channels, conv.height, conv.width);
             let (kernel, simd) = (conv.kernel, conv.simd);
             let Some(gradient) = conv.weight_gradient() else {
-                assert_ne!(simd, Kernel::Avx512, "{channels}->{out} {h}x{w} k{kernel}");
+                assert_eq!(
+                    simd,
+                    Kernel::Portable,
+                    "{channels}->{out} {h}x{w} k{kernel}"
+                );
                 continue;
             };
             ran += 1;
@@ -986,8 +1101,14 @@ mod tests {
                 }
             }
         }
-        if Kernel::available().contains(&Kernel::Avx512) {
-            assert_eq!(ran, shapes.len(), "every shape has row tiles");
-        }
+        let vector_kernels = Kernel::available()
+            .into_iter()
+            .filter(|&simd| simd != Kernel::Portable)
+            .count();
+        assert_eq!(
+            ran,
+            vector_kernels * shapes.len(),
+            "every shape has row tiles"
+        );
     }
 }
