@@ -27,17 +27,20 @@ pub(crate) fn filled_by(len: usize, what: &str, fill: impl FnOnce(&mut [f32])) -
         }
         return buffer;
     }
-    let mut buffer: Vec<f32> = Vec::with_capacity(len);
-    // SAFETY: the capacity is `len`, and `f32` has no drop glue and no invalid bit patterns
-    // once written. `fill`'s contract is to write every element before reading any, so no
-    // uninitialised value is ever read (the same contract as candle's own CPU kernels, which
-    // write into `Vec::spare_capacity_mut`); debug builds check that contract on every call.
+    let mut buffer = Box::<[f32]>::new_uninit_slice(len);
+    // SAFETY: `buffer` holds `len` f32 slots. `fill`'s contract is to write every element
+    // before reading any, so no uninitialised value is ever read through this slice (the
+    // contract candle's own CPU kernels keep when they write into `Vec::spare_capacity_mut`);
+    // debug builds check it on every call. After `fill`, every slot is initialised.
     #[allow(unsafe_code)]
-    unsafe {
-        buffer.set_len(len)
+    let buffer = unsafe {
+        fill(std::slice::from_raw_parts_mut(
+            buffer.as_mut_ptr().cast::<f32>(),
+            len,
+        ));
+        buffer.assume_init()
     };
-    fill(&mut buffer);
-    buffer
+    buffer.into_vec()
 }
 
 #[cfg(test)]
