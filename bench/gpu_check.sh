@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU session's check, in one run (about 4 minutes on an H200 plus the machine's start).
-# Build and pack first, on the development machine (../shared/gpu/README.md):
-#   bash ../shared/gpu/make_cuda_env.sh && source ../shared/gpu/env_cuda.sh
-#   bash bench/make_cudnn_stub.sh        # link-time stand-in for cuDNN
+# Build and pack first, on a machine without a GPU (docs/cuda.md):
+#   bash deploy/cuda/toolkit-from-wheels.sh  # once: toolkit + driver and cuDNN link stand-ins
+#   source deploy/cuda/env.sh
 #   CARGO_TARGET_DIR=target-cuda cargo build --release --features cuda -p deepmad
 #   mkdir -p .gpu && strip -o .gpu/deepmad target-cuda/release/deepmad && gzip -9f .gpu/deepmad
-#   cp ../shared/gpu/run_on_gpu.sh .gpu/
-#   bash bench/make_profilers.sh         # optional: driver-call and per-kernel profiles
-# then run `bash bench/gpu_check.sh` on the GPU machine with `.gpu` carried. Only a few files
-# come back from a device run, so everything is also packed into $OUT/gpu-check.tgz:
+#   bash bench/make_profilers.sh             # optional: driver-call and per-kernel profiles
+# then run `bash bench/gpu_check.sh` from the repository root on the GPU machine, with `.gpu`
+# next to it (the binary runs through deploy/cuda/run-with-wheel-libs.sh, which finds the
+# machine's CUDA 13 and cuDNN libraries). Only a few files may come back from a remote run, so
+# everything is also packed into $OUT/gpu-check.tgz:
 # - env.txt: the GPU, driver, PyTorch and cuDNN;
 # - check*.txt: deepmad's kernels against candle's stock ops on the GPU (forward, gradients),
 #   including the fused conv + BatchNorm op, with cuDNN depthwise convolutions (the default)
@@ -23,10 +24,12 @@
 # - kt-*.txt (with the profilers): GPU time per kernel of the bottleneck design at batch 512,
 #   runs of 10 and 30 timed steps (their difference is 40 steps: the bench times every step
 #   twice), without and with the fused op; dc-*.txt: the driver calls of ResNet-20 at batch 128.
+# $R, $D, $B, $T and $TD are lists of words, split on purpose where they are used.
+# shellcheck disable=SC2086
 set -uo pipefail
 OUT=${OUT:-/tmp/deepmad-gpu-check}; W=$(mktemp -d); mkdir -p "$OUT"
-(cd .gpu && gunzip -kf deepmad.gz && chmod +x deepmad run_on_gpu.sh) || exit 1
-R=".gpu/run_on_gpu.sh .gpu/deepmad"
+(cd .gpu && gunzip -kf deepmad.gz && chmod +x deepmad) || exit 1
+R="bash deploy/cuda/run-with-wheel-libs.sh .gpu/deepmad"
 D="bench/designs/resnet20.json bench/designs/bottleneck.json bench/designs/mbconv-se.json"
 B="--device cuda --batch 128,512 --steps 20 --warmup 5 --json"
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

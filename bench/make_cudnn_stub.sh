@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# Link-time stand-in for cuDNN, for CUDA builds on a machine without cuDNN (the development
-# machines). The worker's `cuda` feature links libcudnn through cudarc; the GPU machines have the
-# real cuDNN 9 in PyTorch's `nvidia/cudnn/lib`, which `run_on_gpu.sh` puts on the library path.
-# Like the driver stand-in made by ../shared/gpu/make_cuda_env.sh: one empty function per cuDNN
-# symbol that cudarc declares, with the real library's soname.
-# Usage (after make_cuda_env.sh and `source env_cuda.sh`): bash bench/make_cudnn_stub.sh
+# Link-time stand-in for cuDNN, for CUDA builds on a machine without cuDNN. The worker's `cuda`
+# feature links libcudnn through cudarc; a GPU machine has the real cuDNN 9 (for example in
+# PyTorch's `nvidia/cudnn/lib`, which deploy/cuda/run-with-wheel-libs.sh puts on the library
+# path). Like the driver stand-in of deploy/cuda/toolkit-from-wheels.sh (which runs this
+# script): one empty function per cuDNN symbol that cudarc declares, with the real library's
+# soname. docs/cuda.md explains both.
+# Usage: source deploy/cuda/env.sh && bash bench/make_cudnn_stub.sh
+# (CUDARC_SRC may name cudarc's source folder; by default the version in Cargo.lock.)
 set -euo pipefail
-: "${CUDA_HOME:?source ../shared/gpu/env_cuda.sh first}"
-SRC=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-* 2>/dev/null | sort -V | tail -1)
+: "${CUDA_HOME:?source deploy/cuda/env.sh first}"
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SRC=${CUDARC_SRC:-}
+if [ -z "$SRC" ]; then
+  REGISTRY=${CARGO_HOME:-$HOME/.cargo}/registry/src
+  LOCKED=$(awk '/^name = "cudarc"$/ { getline; gsub(/"/, "", $3); print $3; exit }' "$REPO/Cargo.lock" 2>/dev/null || true)
+  # shellcheck disable=SC2012 # cargo's registry folders have plain names
+  SRC=$(ls -d "$REGISTRY"/*/cudarc-"${LOCKED:-}"* 2>/dev/null | sort -V | tail -1 || true)
+  # shellcheck disable=SC2012
+  [ -n "$SRC" ] || SRC=$(ls -d "$REGISTRY"/*/cudarc-* 2>/dev/null | sort -V | tail -1 || true)
+fi
 [ -n "$SRC" ] || { echo "cudarc source not found: run 'cargo fetch' first" >&2; exit 1; }
 mkdir -p "$CUDA_HOME/lib/stubs"
 C=$(mktemp --suffix=.c)

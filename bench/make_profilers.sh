@@ -4,7 +4,8 @@
 #   their counts and host time (bench/driver_calls.c);
 # - kernel_times.so (CUDA_INJECTION64_PATH) and the libcupti.so.13 it loads from its own folder:
 #   GPU time per kernel, memset and memcopy (bench/kernel_times.c).
-# Needs gcc, pip, and the CUDA 13 toolchain of ../shared/gpu/make_cuda_env.sh (for cuda.h).
+# Needs gcc, pip, and the CUDA 13 toolkit of deploy/cuda/toolkit-from-wheels.sh (for cuda.h;
+# docs/cuda.md), or CUDA_HOME set to another CUDA 13 toolkit.
 # bench/gpu_check.sh uses them when they are in .gpu.
 set -euo pipefail
 DIR=${1:-.gpu}
@@ -17,6 +18,8 @@ if [ ! -f "$CUPTI/nvidia/cu13/lib/libcupti.so.13" ]; then
 fi
 C=$CUPTI/nvidia/cu13
 gcc -O2 -Wall -shared -fPIC -o "$DIR/driver_calls.so" bench/driver_calls.c -ldl
+# '$ORIGIN' is for the dynamic linker: the folder of kernel_times.so itself.
+# shellcheck disable=SC2016
 gcc -O2 -Wall -shared -fPIC -I"$C/include" -I"$CUDA/include" -o "$DIR/kernel_times.so" \
   bench/kernel_times.c -L"$C/lib" -l:libcupti.so.13 -Wl,-rpath,'$ORIGIN'
 cp "$C/lib/libcupti.so.13" "$DIR/"

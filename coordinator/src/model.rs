@@ -1,11 +1,11 @@
 //! The coordinator's domain types: ids, states and the records the store reads and writes.
 //!
-//! The logical data model is `shared/DESIGN.md`'s: a **design** (identity: the content hash of
-//! its canonical JSON), a **sweep** (the user's request), its **grid points** (one solver
-//! problem each), **trials** (design, recipe, dataset, seed; unique on that key so a result is
-//! reused across sweeps), **attempts** (one lease of a trial by one worker, fenced by a lease
-//! token), **results** (per-epoch metrics and final metrics), **workers** (one row per process
-//! incarnation).
+//! The logical data model (`docs/architecture.md`, "Data model"; the tables: `docs/schema.md`):
+//! a **design** (identity: the content hash of its canonical JSON), a **sweep** (the user's
+//! request), its **grid points** (one solver problem each), **trials** (design, recipe, dataset,
+//! seed; unique on that key so a result is reused across sweeps), **attempts** (one lease of a
+//! trial by one worker, fenced by a lease token), **results** (per-epoch metrics and final
+//! metrics), **workers** (one row per process incarnation).
 
 use std::fmt;
 
