@@ -7,6 +7,7 @@
 
 use thiserror::Error;
 
+use super::sql::Corrupt;
 use crate::model::AttemptId;
 
 /// Everything that can go wrong in the store.
@@ -47,6 +48,11 @@ impl From<sqlx::Error> for StoreError {
             }
             sqlx::Error::Io(_) | sqlx::Error::Tls(_) => StoreError::Unavailable(error.to_string()),
             sqlx::Error::Database(database_error) => from_database_error(&*database_error),
+            // A stored uuid or time that does not parse (`sql.rs`): the same message as
+            // `StoreError::corrupt`, without sqlx's column prefix.
+            sqlx::Error::ColumnDecode { source, .. } if source.is::<Corrupt>() => {
+                StoreError::Database(source.to_string())
+            }
             other => StoreError::Database(other.to_string()),
         }
     }

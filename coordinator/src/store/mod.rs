@@ -1,11 +1,16 @@
 //! The coordinator's store: designs, sweeps, trials, leases and results, on PostgreSQL
 //! ([`PgStore`]) or on an embedded SQLite file ([`SqliteStore`]).
 //!
-//! [`Store`] dispatches one method per use case to the backend; both backends run the same
-//! conformance suite (`coordinator/tests/store.rs`). Start with [`Store::claim`],
-//! [`Store::heartbeat`] and [`Store::complete`]: the leased, fenced work protocol of
-//! `shared/DESIGN.md`. The decisions they share (backoff, retry limits, derived sweep state)
-//! are pure functions in `rules.rs`; the schema is `migrations/` and `docs/schema.md`.
+//! [`Store`] has one method per use case; both backends run the same conformance suite
+//! (`coordinator/tests/store.rs`). Start with [`Store::claim`], [`Store::heartbeat`] and
+//! [`Store::complete`]: the leased, fenced work protocol described in `docs/architecture.md`.
+//! The decisions they share (backoff, retry limits, derived sweep state) are pure functions
+//! in `rules.rs`; the schema is `migrations/` and `docs/schema.md`.
+//!
+//! Most statements are written once, in `common/`, on the query layer of `sql.rs`, which
+//! runs them on either database. Only what differs between the databases is dialect code,
+//! in `pg/` and `sqlite/`: PostgreSQL's batched claims and completions, bulk inserts and
+//! sweep lock; SQLite's single-writer transactions and its downstream queueing.
 //!
 //! Times are parameters (`now`), never read from the clock, and are truncated to
 //! microseconds, the precision both backends keep.
@@ -15,9 +20,11 @@
 //! transaction that changes a trial and its attempts locks the trial row first.
 
 mod assemble;
+mod common;
 mod error;
 mod pg;
 mod rules;
+mod sql;
 mod sqlite;
 pub mod types;
 
@@ -28,8 +35,12 @@ pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::*;
 
-use crate::model::{AttemptId, FailureClass, LeaseToken, SweepId, TrialId, TrialState, WorkerId};
+use crate::model::{
+    AttemptId, DesignId, FailureClass, LeaseToken, SweepId, TrialId, TrialState, WorkerId,
+};
+use common::{designs, downstream, lease, reads, sweeps};
 use rules::micros;
+use sql::{Arg, Db, Dialect, Tx};
 
 /// A failure report's arguments, as the backends take them.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +49,17 @@ pub(crate) struct FailureReport<'a> {
     pub message: &'a str,
     pub max_attempts_override: Option<i32>,
     pub policy: &'a RetryPolicy,
+}
+
+/// Calls the same method on whichever backend the store is on: the dialect code of `pg/`
+/// and `sqlite/`.
+macro_rules! on_backend {
+    ($store:expr, $backend:ident => $call:expr) => {
+        match $store {
+            Store::Postgres($backend) => $call,
+            Store::Sqlite($backend) => $call,
+        }
+    };
 }
 
 /// The store on one of its backends. Cloning it is cheap: clones share the connection pool.
@@ -78,10 +100,7 @@ impl Store {
 
     /// Closes the connection pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
-        match self {
-            Store::Postgres(store) => store.close().await,
-            Store::Sqlite(store) => store.close().await,
-        }
+        on_backend!(self, store => store.close().await)
     }
 
     /// Writes a sweep in one transaction: its designs (insert-or-ignore by id), the sweep,
@@ -93,36 +112,24 @@ impl Store {
         sweep: &NewSweep,
         now: DateTime<Utc>,
     ) -> Result<SweepCreated, StoreError> {
-        match self {
-            Store::Postgres(store) => store.create_sweep(sweep, micros(now)).await,
-            Store::Sqlite(store) => store.create_sweep(sweep, micros(now)).await,
-        }
+        on_backend!(self, store => store.create_sweep(sweep, micros(now)).await)
     }
 
     /// Returns a sweep's summary; an `active` sweep with no queued or running trial shows
     /// as `completed`.
     pub async fn get_sweep(&self, id: SweepId) -> Result<SweepSummary, StoreError> {
-        match self {
-            Store::Postgres(store) => store.get_sweep(id).await,
-            Store::Sqlite(store) => store.get_sweep(id).await,
-        }
+        sweeps::get_sweep(&mut self.reader(), id).await
     }
 
-    /// Returns the newest `limit` sweeps (0 means 100), newest first.
     /// Returns the newest sweep, not cancelled, created from exactly this spec (its JSON as
     /// [`NewSweep::spec_json`] holds it): an embedded run that is started again resumes it.
     pub async fn find_sweep(&self, spec_json: &str) -> Result<Option<SweepId>, StoreError> {
-        match self {
-            Store::Postgres(store) => store.find_sweep(spec_json).await,
-            Store::Sqlite(store) => store.find_sweep(spec_json).await,
-        }
+        sweeps::find_sweep(&mut self.reader(), spec_json).await
     }
 
+    /// Returns the newest `limit` sweeps (0 means 100), newest first.
     pub async fn list_sweeps(&self, limit: u32) -> Result<Vec<SweepSummary>, StoreError> {
-        match self {
-            Store::Postgres(store) => store.list_sweeps(limit).await,
-            Store::Sqlite(store) => store.list_sweeps(limit).await,
-        }
+        sweeps::list_sweeps(&mut self.reader(), limit).await
     }
 
     /// Cancels an active sweep: trials no active sweep needs any more are not leased, and
@@ -133,10 +140,7 @@ impl Store {
         id: SweepId,
         now: DateTime<Utc>,
     ) -> Result<SweepSummary, StoreError> {
-        match self {
-            Store::Postgres(store) => store.cancel_sweep(id, micros(now)).await,
-            Store::Sqlite(store) => store.cancel_sweep(id, micros(now)).await,
-        }
+        sweeps::cancel_sweep(self, id, micros(now)).await
     }
 
     /// Requeues the sweep's `failed` and `dead` trials now, with their retry counters reset,
@@ -146,10 +150,7 @@ impl Store {
         sweep: SweepId,
         now: DateTime<Utc>,
     ) -> Result<u32, StoreError> {
-        match self {
-            Store::Postgres(store) => store.retry_trials(sweep, micros(now)).await,
-            Store::Sqlite(store) => store.retry_trials(sweep, micros(now)).await,
-        }
+        sweeps::retry_trials(self, sweep, micros(now)).await
     }
 
     /// Records a worker incarnation (registering the same id again updates it).
@@ -158,10 +159,7 @@ impl Store {
         worker: &NewWorker,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        match self {
-            Store::Postgres(store) => store.register_worker(worker, micros(now)).await,
-            Store::Sqlite(store) => store.register_worker(worker, micros(now)).await,
-        }
+        lease::register_worker(self, worker, micros(now)).await
     }
 
     /// Leases the oldest queued trial whose backoff has passed and that an active sweep
@@ -174,10 +172,7 @@ impl Store {
         lease_ms: i64,
         now: DateTime<Utc>,
     ) -> Result<Option<Lease>, StoreError> {
-        match self {
-            Store::Postgres(store) => store.claim(worker, lease_ms, micros(now)).await,
-            Store::Sqlite(store) => store.claim(worker, lease_ms, micros(now)).await,
-        }
+        on_backend!(self, store => store.claim(worker, lease_ms, micros(now)).await)
     }
 
     /// Records progress and epoch metrics and extends the lease to `now + lease_ms`, while
@@ -198,18 +193,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<HeartbeatOutcome, StoreError> {
         let now = micros(now);
-        match self {
-            Store::Postgres(store) => {
-                store
-                    .heartbeat(attempt, token, progress, epochs, lease_ms, now)
-                    .await
-            }
-            Store::Sqlite(store) => {
-                store
-                    .heartbeat(attempt, token, progress, epochs, lease_ms, now)
-                    .await
-            }
-        }
+        lease::heartbeat(self, attempt, token, progress, epochs, lease_ms, now).await
     }
 
     /// Records an attempt's final metrics in one transaction, idempotently: the lease
@@ -224,10 +208,7 @@ impl Store {
         metrics: &FinalMetrics,
         now: DateTime<Utc>,
     ) -> Result<CompleteOutcome, StoreError> {
-        match self {
-            Store::Postgres(store) => store.complete(attempt, token, metrics, micros(now)).await,
-            Store::Sqlite(store) => store.complete(attempt, token, metrics, micros(now)).await,
-        }
+        on_backend!(self, store => store.complete(attempt, token, metrics, micros(now)).await)
     }
 
     /// Records a failed attempt and decides the trial's fate: a deterministic failure counts
@@ -247,17 +228,13 @@ impl Store {
         policy: &RetryPolicy,
         now: DateTime<Utc>,
     ) -> Result<FailOutcome, StoreError> {
-        let now = micros(now);
         let report = FailureReport {
             class,
             message,
             max_attempts_override,
             policy,
         };
-        match self {
-            Store::Postgres(store) => store.fail(attempt, token, &report, now).await,
-            Store::Sqlite(store) => store.fail(attempt, token, &report, now).await,
-        }
+        lease::fail(self, attempt, token, &report, micros(now)).await
     }
 
     /// Expires running attempts whose lease ended before `now` and requeues their trials
@@ -269,19 +246,13 @@ impl Store {
         policy: &RetryPolicy,
         now: DateTime<Utc>,
     ) -> Result<u32, StoreError> {
-        match self {
-            Store::Postgres(store) => store.reap_expired(policy, micros(now)).await,
-            Store::Sqlite(store) => store.reap_expired(policy, micros(now)).await,
-        }
+        lease::reap_expired(self, policy, micros(now)).await
     }
 
     /// Extends every running lease to at least `now + grace_ms`, so the coordinator's own
     /// downtime is not charged to workers. Returns how many leases it extended.
     pub async fn grant_grace(&self, grace_ms: i64, now: DateTime<Utc>) -> Result<u32, StoreError> {
-        match self {
-            Store::Postgres(store) => store.grant_grace(grace_ms, micros(now)).await,
-            Store::Sqlite(store) => store.grant_grace(grace_ms, micros(now)).await,
-        }
+        lease::grant_grace(self, grace_ms, micros(now)).await
     }
 
     /// Returns the best designs by mean top-1 over seeds, per (design, dataset, recipe),
@@ -291,10 +262,7 @@ impl Store {
         &self,
         filter: &LeaderboardFilter,
     ) -> Result<Vec<LeaderboardRow>, StoreError> {
-        let mut rows = match self {
-            Store::Postgres(store) => store.leaderboard(filter).await?,
-            Store::Sqlite(store) => store.leaderboard(filter).await?,
-        };
+        let mut rows = reads::leaderboard(&mut self.reader(), filter).await?;
         if rows.is_empty() {
             return Ok(rows);
         }
@@ -305,10 +273,7 @@ impl Store {
                     rows.iter().map(|row| row.design_id.0.clone()).collect();
                 designs.sort();
                 designs.dedup();
-                match self {
-                    Store::Postgres(store) => store.downstream_of_designs(&designs).await?,
-                    Store::Sqlite(store) => store.downstream_of_designs(&designs).await?,
-                }
+                on_backend!(self, store => store.downstream_of_designs(&designs).await?)
             }
         };
         assemble::attach_downstream(&mut rows, &records);
@@ -321,10 +286,7 @@ impl Store {
         &self,
         sweep: SweepId,
     ) -> Result<Vec<DownstreamRecord>, StoreError> {
-        match self {
-            Store::Postgres(store) => store.downstream_results(sweep).await,
-            Store::Sqlite(store) => store.downstream_results(sweep).await,
-        }
+        downstream::downstream_results(&mut self.reader(), sweep).await
     }
 
     /// Returns the trial that `attempt` leases, with its parent's result attempt, while the
@@ -337,44 +299,29 @@ impl Store {
         token: LeaseToken,
         now: DateTime<Utc>,
     ) -> Result<LeasedTrial, StoreError> {
-        match self {
-            Store::Postgres(store) => store.leased_trial(attempt, token, micros(now)).await,
-            Store::Sqlite(store) => store.leased_trial(attempt, token, micros(now)).await,
-        }
+        downstream::leased_trial(&mut self.reader(), attempt, token, micros(now)).await
     }
 
     /// Returns every result of a sweep's trials, with its design's numbers, by design and
     /// seed (`deepmad results export`).
     pub async fn export_results(&self, sweep: SweepId) -> Result<Vec<ResultRecord>, StoreError> {
-        match self {
-            Store::Postgres(store) => store.export_results(sweep).await,
-            Store::Sqlite(store) => store.export_results(sweep).await,
-        }
+        reads::export_results(&mut self.reader(), sweep).await
     }
 
     /// Returns a stored design (its architecture and the numbers stored with it); an unknown
     /// id is `NotFound`.
-    pub async fn get_design(&self, id: &crate::model::DesignId) -> Result<NewDesign, StoreError> {
-        match self {
-            Store::Postgres(store) => store.get_design(id).await,
-            Store::Sqlite(store) => store.get_design(id).await,
-        }
+    pub async fn get_design(&self, id: &DesignId) -> Result<NewDesign, StoreError> {
+        designs::get_design(&mut self.reader(), id).await
     }
 
     /// Returns a trial with its attempts, epoch metrics, result and late results.
     pub async fn trial_history(&self, trial: TrialId) -> Result<TrialHistory, StoreError> {
-        match self {
-            Store::Postgres(store) => store.trial_history(trial).await,
-            Store::Sqlite(store) => store.trial_history(trial).await,
-        }
+        reads::get_trial_history(&mut self.reader(), trial).await
     }
 
     /// Returns how many trials are in each state, over all sweeps.
     pub async fn queue_counts(&self) -> Result<TrialCounts, StoreError> {
-        match self {
-            Store::Postgres(store) => store.queue_counts().await,
-            Store::Sqlite(store) => store.queue_counts().await,
-        }
+        reads::queue_counts(&mut self.reader()).await
     }
 
     /// Returns a sweep's trials and their states, by trial id.
@@ -382,9 +329,40 @@ impl Store {
         &self,
         sweep: SweepId,
     ) -> Result<Vec<(TrialId, TrialState)>, StoreError> {
+        reads::sweep_trials(&mut self.reader(), sweep).await
+    }
+
+    /// The SQL dialect of the backend, for the few statements whose text differs.
+    fn dialect(&self) -> Dialect {
         match self {
-            Store::Postgres(store) => store.sweep_trials(sweep).await,
-            Store::Sqlite(store) => store.sweep_trials(sweep).await,
+            Store::Postgres(_) => Dialect::Postgres,
+            Store::Sqlite(_) => Dialect::Sqlite,
         }
+    }
+
+    /// Where statements that only read run: PostgreSQL's pool, SQLite's reader pool.
+    fn reader(&self) -> Db<'_> {
+        on_backend!(self, store => store.reader())
+    }
+
+    /// Begins a transaction that changes trials and attempts (on SQLite, one holding the
+    /// write lock).
+    async fn begin(&self) -> Result<Tx, StoreError> {
+        on_backend!(self, store => store.begin().await)
+    }
+
+    /// Begins a transaction of a sweep-level change, serialised with every other one (the
+    /// advisory lock on PostgreSQL, the single writer on SQLite).
+    async fn begin_sweeps(&self) -> Result<Tx, StoreError> {
+        match self {
+            Store::Postgres(store) => store.begin_sweeps().await,
+            Store::Sqlite(store) => store.begin().await,
+        }
+    }
+
+    /// Runs one write statement on its own: autocommit on PostgreSQL, a write transaction
+    /// on SQLite. Returns how many rows it changed.
+    async fn write_one(&self, sql: &str, args: &[Arg<'_>]) -> Result<u64, StoreError> {
+        on_backend!(self, store => store.write_one(sql, args).await)
     }
 }

@@ -5,23 +5,23 @@
 //! attempts locks the trial row first; sweep-level changes take a transaction-scoped advisory
 //! lock ([`SWEEPS_LOCK`]) so they never interleave. Leaderboard reads take no locks.
 //!
-//! The methods live in `pg/sweeps.rs` (sweeps), `pg/lease.rs` (the work protocol) and
-//! `pg/reads.rs` (leaderboards, histories, counts). Concurrent claims and completions of one
-//! coordinator share statements (group commit): `pg/batch.rs` is the queue, `pg/claims.rs`
-//! and `pg/completions.rs` the two batched calls.
+//! Most statements are shared with SQLite (`store/common/`). What is PostgreSQL's own lives
+//! here: the sweep lock, bulk inserts (`pg/sweeps.rs`, [`upsert_epochs`]), and the batched
+//! calls of concurrent claims and completions of one coordinator (group commit):
+//! `pg/batch.rs` is the queue, `pg/claims.rs` and `pg/completions.rs` the two batched calls,
+//! `pg/lease.rs` their entry points.
 
 mod batch;
 mod claims;
 mod completions;
-mod designs;
 mod downstream;
 mod lease;
-mod reads;
 mod sweeps;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{PgConnection, Row};
+use sqlx::{PgConnection, Postgres, Transaction};
 
+use super::sql::{Arg, Db, Tx};
 use super::types::{EpochMetrics, PoolSettings};
 use super::StoreError;
 use crate::model::{AttemptId, TrialId};
@@ -62,19 +62,40 @@ impl PgStore {
     pub(crate) async fn close(&self) {
         self.pool.close().await;
     }
-}
 
-/// Takes the sweep-level advisory lock until the end of the transaction.
-async fn lock_sweeps(conn: &mut PgConnection) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(SWEEPS_LOCK)
-        .execute(conn)
-        .await?;
-    Ok(())
+    /// Statements that only read run on the pool.
+    pub(super) fn reader(&self) -> Db<'_> {
+        Db::PgPool(&self.pool)
+    }
+
+    /// Begins a transaction.
+    pub(super) async fn begin(&self) -> Result<Tx, StoreError> {
+        Ok(Tx::Postgres(self.pool.begin().await?))
+    }
+
+    /// Begins a transaction holding the sweep-level advisory lock.
+    async fn begin_locked(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(SWEEPS_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
+    /// [`PgStore::begin_locked`] for the statements shared with SQLite.
+    pub(super) async fn begin_sweeps(&self) -> Result<Tx, StoreError> {
+        Ok(Tx::Postgres(self.begin_locked().await?))
+    }
+
+    /// Runs one write statement on its own (autocommit); returns how many rows it changed.
+    pub(super) async fn write_one(&self, sql: &str, args: &[Arg<'_>]) -> Result<u64, StoreError> {
+        self.reader().execute(sql, args).await
+    }
 }
 
 /// Inserts or replaces an attempt's epoch metrics, keyed by (attempt, epoch).
-async fn upsert_epochs(
+pub(super) async fn upsert_epochs(
     conn: &mut PgConnection,
     attempt: AttemptId,
     trial: TrialId,
@@ -122,9 +143,4 @@ fn bind_epochs<'q>(
         .bind(column(|e| e.top5))
         .bind(column(|e| e.images_per_second))
         .bind(column(|e| e.learning_rate))
-}
-
-/// Reads a `count(*)` column as the `i64` PostgreSQL returns.
-fn count(row: &sqlx::postgres::PgRow, column: &str) -> Result<i64, StoreError> {
-    Ok(row.try_get::<i64, _>(column)?)
 }
