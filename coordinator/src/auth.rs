@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use sha2::{Digest, Sha256};
+use deepmad_design::digest::{hex, sha256};
 use subtle::{Choice, ConstantTimeEq};
 use tonic::codegen::http;
 use tonic::Status;
@@ -96,7 +96,7 @@ impl fmt::Debug for Tokens {
 /// Returns the SHA-256 of a token: what [`Tokens`] keeps, and what the dashboard's session
 /// cookie holds (`web/auth.rs`), so the cookie is not the token itself.
 pub fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
+    sha256(token)
 }
 
 impl Tokens {
@@ -181,10 +181,7 @@ pub fn authorize(
         };
         return Err(Status::permission_denied(message));
     }
-    let fingerprint = digest(token)[..4]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
+    let fingerprint = hex(&digest(token)[..4]);
     Ok(Caller::Authenticated { role, fingerprint })
 }
 

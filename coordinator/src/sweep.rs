@@ -12,7 +12,6 @@ use deepmad_design::solver::{solve, Family, Problem, SearchSpace, Solution};
 use deepmad_design::units::parse_count;
 use deepmad_design::DesignError;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::Error;
 use crate::model::{DesignId, SweepId};
@@ -326,7 +325,7 @@ impl SweepSpec {
                     name: task.name().to_string(),
                     kind: task.task.name().to_string(),
                     dataset: task.dataset.clone(),
-                    task_hash: sha256_hex(&canonical_json(&identity)),
+                    task_hash: sha256_hex(canonical_json(&identity)),
                     recipe_json,
                 }
             })
@@ -483,13 +482,8 @@ pub fn canonical_json(value: &serde_json::Value) -> String {
     serde_json::to_string(value).expect("JSON values serialize")
 }
 
-/// Returns the SHA-256 of `text` in hex.
-pub fn sha256_hex(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
-}
+/// Task and recipe hashes are SHA-256 in hex, as design ids are (`store/` imports it from here).
+pub use deepmad_design::digest::sha256_hex;
 
 /// Deserializes budgets written as numbers or human units (`"11.7M"`, `"1.8G"`).
 mod count {

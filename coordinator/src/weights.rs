@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use deepmad_design::digest::Sha256Hex;
 use tokio::io::AsyncWriteExt;
 
 use crate::error::Error;
@@ -70,7 +70,7 @@ impl WeightStore {
             expected_bytes: total_bytes,
             expected_sha256: sha256.to_ascii_lowercase(),
             written: 0,
-            hasher: Sha256::new(),
+            hasher: Sha256Hex::new(),
         })
     }
 }
@@ -85,7 +85,7 @@ pub struct Upload {
     expected_bytes: u64,
     expected_sha256: String,
     written: u64,
-    hasher: Sha256,
+    hasher: Sha256Hex,
 }
 
 impl Upload {
@@ -118,7 +118,7 @@ impl Upload {
                 reason,
             });
         }
-        let digest = hex(&std::mem::take(&mut self.hasher).finalize());
+        let digest = std::mem::take(&mut self.hasher).finish();
         if digest != self.expected_sha256 {
             let reason = format!(
                 "SHA-256 of the data is {digest}, the first chunk announced {}",
@@ -152,16 +152,12 @@ pub async fn file_digest(path: &Path) -> Result<(String, u64), Error> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let mut file = std::fs::File::open(&path).map_err(|error| io_error(&path, error))?;
-        let mut hasher = Sha256::new();
+        let mut hasher = Sha256Hex::new();
         let size = std::io::copy(&mut file, &mut hasher).map_err(|error| io_error(&path, error))?;
-        Ok((hex(&hasher.finalize()), size))
+        Ok((hasher.finish(), size))
     })
     .await
     .map_err(|error| Error::Internal(format!("digest task: {error}")))?
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 fn io_error(path: &Path, error: std::io::Error) -> Error {
@@ -170,11 +166,9 @@ fn io_error(path: &Path, error: std::io::Error) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use deepmad_design::digest::sha256_hex as sha;
 
-    fn sha(data: &[u8]) -> String {
-        hex(&Sha256::digest(data))
-    }
+    use super::*;
 
     #[tokio::test]
     async fn an_upload_lands_only_when_size_and_hash_match() {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use deepmad_coordinator::app;
 use deepmad_coordinator::service::Coordinator;
 use deepmad_coordinator::settings::{self, Overrides, Validated};
+use deepmad_design::digest::sha256_hex;
 use deepmad_proto::v1;
 use deepmad_proto::v1::result_service_client::ResultServiceClient;
 use deepmad_proto::v1::sweep_service_client::SweepServiceClient;
@@ -791,14 +792,6 @@ fn chunks(assignment: &v1::Assignment, data: &[u8], sha256: &str) -> Vec<v1::Wei
         .collect()
 }
 
-fn hex_sha256(data: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 async fn lease_one(work: &mut WorkServiceClient<Channel>, worker_id: &str) -> v1::Assignment {
     work.lease(v1::LeaseRequest {
         worker_id: worker_id.to_string(),
@@ -840,7 +833,7 @@ async fn trained_weights_travel_to_downstream_trials_under_their_leases() {
     );
 
     let data = b"a safetensors checkpoint, in spirit".to_vec();
-    let sha = hex_sha256(&data);
+    let sha = sha256_hex(&data);
     // A wrong token, a wrong hash and a short upload are refused and leave no file.
     let mut forged = chunks(&training, &data, &sha);
     forged[0].lease_token = uuid::Uuid::new_v4().to_string();
@@ -849,7 +842,7 @@ async fn trained_weights_travel_to_downstream_trials_under_their_leases() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    let wrong_hash = chunks(&training, &data, &hex_sha256(b"other"));
+    let wrong_hash = chunks(&training, &data, &sha256_hex(b"other"));
     let status = work
         .upload_weights(tokio_stream::iter(wrong_hash))
         .await

@@ -5,8 +5,8 @@
 //! one block family `depth` times; only its first block may change the stride or the width.
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use crate::digest::sha256_hex;
 use crate::error::DesignError;
 
 /// The block family of a stage.
@@ -155,8 +155,7 @@ impl Network {
 
     /// Returns the SHA-256 of the canonical JSON in hex: the design's identity everywhere.
     pub fn content_hash(&self) -> String {
-        let digest = Sha256::digest(self.canonical_json().as_bytes());
-        digest.iter().map(|byte| format!("{byte:02x}")).collect()
+        sha256_hex(self.canonical_json())
     }
 
     /// Parses a network from JSON and validates it; errors name the line and column or the field.

@@ -12,6 +12,7 @@ pub mod analyze;
 pub mod arch;
 pub mod classic;
 pub mod count;
+pub mod digest;
 pub mod error;
 mod memo;
 pub mod score;

@@ -19,6 +19,7 @@ use axum::extract::{Form, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use deepmad_design::digest::hex;
 use serde::Deserialize;
 
 use super::html::{self, escape, Session};
@@ -130,7 +131,7 @@ fn see_other(location: &str, cookie: Option<String>) -> Response {
 }
 
 fn session_cookie(token: &str) -> String {
-    let value: String = digest(token).iter().map(|b| format!("{b:02x}")).collect();
+    let value = hex(&digest(token));
     format!("{COOKIE}={value}; Path=/; Max-Age={SESSION_SECONDS}; HttpOnly; SameSite=Strict")
 }
 

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use axum::response::Html;
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
+use deepmad_design::digest::sha256;
 
 use crate::store::TrialCounts;
 
@@ -20,7 +20,7 @@ const SCRIPT: &str = include_str!("dashboard.js");
 /// inline [`SCRIPT`] (allowed by its SHA-256), everything else comes from this server, and no
 /// other site may frame the pages. A value that escaped [`escape`] still could not run script.
 pub fn content_security_policy() -> String {
-    let hash = base64(&Sha256::digest(SCRIPT.as_bytes()));
+    let hash = base64(&sha256(SCRIPT));
     format!(
         "default-src 'self'; script-src 'sha256-{hash}'; style-src 'self' 'unsafe-inline'; \
          img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
