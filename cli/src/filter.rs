@@ -8,7 +8,7 @@
 use deepmad_design::units::parse_count;
 use deepmad_proto::v1;
 
-use crate::commands::results::family_name;
+use crate::render::family_name;
 
 /// The comparison of a filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

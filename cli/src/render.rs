@@ -4,9 +4,10 @@
 use std::io::{self, Write};
 
 use deepmad_design::score::{Analysis, StageReport};
-use deepmad_design::solver::{Problem, Solution};
+use deepmad_design::solver::{Family, Problem, Solution};
 use deepmad_design::units::format_count;
 use deepmad_design::Network;
+use deepmad_proto::convert::family_from_proto;
 
 /// A plain text table: the first `left` columns left-aligned, the rest (numbers) right-aligned.
 struct Table {
@@ -161,6 +162,12 @@ fn short(id: &str) -> &str {
 
 fn percent(value: Option<f64>) -> String {
     value.map_or("-".to_string(), |v| format!("{:.2}", v * 100.0))
+}
+
+/// Returns the name of a wire family, as `--block` and `--filter block=` take it; `-` when
+/// unset or unknown.
+pub fn family_name(value: i32) -> &'static str {
+    family_from_proto(value, "family").map_or("-", Family::name)
 }
 
 fn state_name(value: i32) -> &'static str {

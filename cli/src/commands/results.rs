@@ -7,7 +7,8 @@ use deepmad_proto::v1;
 use super::remote::{status_failure, Remote};
 use crate::args::{AnalyticsArgs, LeaderboardArgs, ResultsArgs, TableFormat, TrialShowArgs};
 use crate::filter::Filter;
-use crate::{render, Failure};
+use crate::render::{self, family_name};
+use crate::Failure;
 
 pub async fn leaderboard(args: &LeaderboardArgs, out: &mut impl Write) -> Result<(), Failure> {
     let family = match &args.block {
@@ -98,16 +99,6 @@ fn leaderboard_json(row: &v1::LeaderboardRow) -> serde_json::Value {
             "top5_mean": score.top5_mean,
         })).collect::<Vec<_>>(),
     })
-}
-
-pub fn family_name(value: i32) -> &'static str {
-    match v1::Family::try_from(value) {
-        Ok(v1::Family::Basic) => "basic",
-        Ok(v1::Family::Bottleneck) => "bottleneck",
-        Ok(v1::Family::Mbconv) => "mbconv",
-        Ok(v1::Family::MbconvSe) => "mbconv-se",
-        _ => "-",
-    }
 }
 
 /// Quotes a CSV field when it holds a comma, a quote or a newline.
