@@ -9,17 +9,14 @@
 use crate::arch::Network;
 use crate::error::DesignError;
 
-use super::search::{fill, Rng};
-use super::vars::{Ctx, Eval, Var};
+use super::moves::{fill, mutate, worst_index, Rng};
+use super::vars::{Ctx, Eval};
 use super::{analyze, Certificate, Problem, Solution};
 
 /// The population size of the paper's code.
 pub const POPULATION: usize = 256;
 /// The number of candidates the paper's code evaluates.
 pub const PAPER_CANDIDATES: u64 = 500_000;
-
-/// Width mutations scale a width by one of these factors, as the paper's code does.
-const WIDTH_FACTORS: [f64; 6] = [0.5, 0.67, 0.8, 1.25, 1.5, 2.0];
 
 /// Runs the evolutionary baseline for `candidates` children from a filled smallest design.
 pub fn evolve(problem: &Problem, candidates: u64, seed: u64) -> Result<Solution, DesignError> {
@@ -76,44 +73,4 @@ pub fn evolve(problem: &Problem, candidates: u64, seed: u64) -> Result<Solution,
         },
         evaluations: ctx.evaluations.get(),
     })
-}
-
-fn worst_index(population: &[(Network, Eval)]) -> usize {
-    let mut worst = 0;
-    for (index, member) in population.iter().enumerate() {
-        if population[worst].1.better_than(&member.1) {
-            worst = index;
-        }
-    }
-    worst
-}
-
-/// One random mutation of `var`: widths scale by a random factor, depths step by one or two
-/// or jump anywhere, kernels jump anywhere.
-pub(crate) fn mutate(ctx: &Ctx, net: &mut Network, var: Var, rng: &mut Rng) {
-    let (low, high) = ctx.range(net, var);
-    let current = ctx.get(net, var);
-    let level = match var {
-        Var::Kernel(_) => rng.between(low, high),
-        Var::Depth(_) => match rng.below(3) {
-            0 => rng.between(low, high),
-            1 => current.saturating_sub(1 + rng.below(2)).max(low),
-            _ => (current + 1 + rng.below(2)).min(high),
-        },
-        _ => {
-            let factor = rng.pick(&WIDTH_FACTORS);
-            let scaled = (f64::from(current) * factor).round() as u32;
-            let moved = if scaled == current {
-                if factor > 1.0 {
-                    current + 1
-                } else {
-                    current.saturating_sub(1)
-                }
-            } else {
-                scaled
-            };
-            moved.clamp(low, high)
-        }
-    };
-    ctx.set(net, var, level);
 }

@@ -6,6 +6,7 @@
 //! was proven about it.
 
 pub mod baseline;
+mod moves;
 mod polish;
 mod problem;
 mod search;
@@ -75,7 +76,7 @@ pub fn solve(problem: &Problem) -> Result<Solution, DesignError> {
         }
     }
     // Iterated local search: kick the incumbent, descend again, keep improvements.
-    let mut rng = search::Rng::new(ISLANDS + 1);
+    let mut rng = moves::Rng::new(ISLANDS + 1);
     for _ in 0..KICKS {
         let (incumbent, incumbent_eval, _) = best.as_ref().expect("at least one island");
         let incumbent_eval = *incumbent_eval;

@@ -1,11 +1,13 @@
 //! The search moves: the population search of each island, the structural kick of iterated
-//! local search, and the width fill and repair both use. `mod.rs` strings them together with
-//! the polish (`polish.rs`); `design/README.md` describes the whole method.
+//! local search, and the width repair both use; the moves they share with the evolutionary
+//! baseline (the generator, the width fill, blind mutation) are in `moves.rs`. `mod.rs` strings
+//! them together with the polish (`polish.rs`); `design/README.md` describes the whole method.
 //!
 //! All randomness comes from a fixed-seed generator, so the same problem gives the same design.
 
 use crate::arch::Network;
 
+use super::moves::{fill, mutate, worst_index, Rng, WIDTH_FACTORS};
 use super::vars::{Ctx, Eval, Var};
 
 /// Designs kept by the population search.
@@ -14,47 +16,6 @@ const POPULATION: usize = 256;
 const CHILDREN: u32 = 60_000;
 /// Tenths of the children made by blind mutation (the rest by budget-aware moves).
 const BLIND_TENTHS: u32 = 9;
-
-/// A small deterministic generator (xorshift64*), local to one search.
-#[derive(Debug)]
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Returns a uniform integer in `0..n` (n > 0).
-    pub(crate) fn below(&mut self, n: u32) -> u32 {
-        (((self.next() >> 32) * u64::from(n)) >> 32) as u32
-    }
-
-    /// Returns a uniform integer in `low..=high`.
-    pub(crate) fn between(&mut self, low: u32, high: u32) -> u32 {
-        low + self.below(high - low + 1)
-    }
-
-    pub(crate) fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u32) as usize]
-    }
-}
-
-/// Fills every width to the budget, last stages first, a few passes.
-pub(crate) fn fill(ctx: &Ctx, net: &mut Network) {
-    let widths = ctx.width_vars();
-    for _ in 0..3 {
-        for &var in widths.iter().rev() {
-            ctx.fit(net, var);
-        }
-    }
-}
 
 /// Runs the population search from `start` and returns the best candidates found, best first.
 ///
@@ -78,13 +39,13 @@ pub(crate) fn population_search(ctx: &Ctx, start: &Network, seed: u64) -> Vec<(N
     }
     let vars = ctx.vars();
     // The worst member changes only when a child replaces it.
-    let mut worst = worst_member(&population);
+    let mut worst = worst_index(&population);
     for _ in 0..CHILDREN {
         let parent = &population[rng.below(POPULATION as u32) as usize].0;
         let mut child = parent.clone();
         if rng.below(10) < BLIND_TENTHS {
             for _ in 0..2 {
-                super::baseline::mutate(ctx, &mut child, rng.pick(vars), &mut rng);
+                mutate(ctx, &mut child, rng.pick(vars), &mut rng);
             }
         } else {
             perturb(ctx, &mut child, &mut rng);
@@ -95,7 +56,7 @@ pub(crate) fn population_search(ctx: &Ctx, start: &Network, seed: u64) -> Vec<(N
         }
         if eval.at_least(&population[worst].1) {
             population[worst] = (child, eval);
-            worst = worst_member(&population);
+            worst = worst_index(&population);
         }
     }
     population.sort_by(|a, b| {
@@ -108,16 +69,6 @@ pub(crate) fn population_search(ctx: &Ctx, start: &Network, seed: u64) -> Vec<(N
         }
     });
     population
-}
-
-fn worst_member(population: &[(Network, Eval)]) -> usize {
-    let mut worst = 0;
-    for (index, member) in population.iter().enumerate() {
-        if population[worst].1.better_than(&member.1) {
-            worst = index;
-        }
-    }
-    worst
 }
 
 /// Draws random depths and kernels (widths stay minimal until the fill).
@@ -176,7 +127,7 @@ fn perturb(ctx: &Ctx, net: &mut Network, rng: &mut Rng) {
         let level = match rng.below(4) {
             0 => rng.between(low, high),
             1 if var.is_width() => {
-                let factor = [0.5, 0.67, 0.8, 1.25, 1.5, 2.0][rng.below(6) as usize];
+                let factor = rng.pick(&WIDTH_FACTORS);
                 ((f64::from(current) * factor).round() as u32).clamp(low, high)
             }
             _ => {

@@ -506,7 +506,7 @@ fn mid_width(stage: &Stage) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::search::Rng;
+    use super::super::moves::Rng;
     use super::super::Family;
     use super::*;
     use crate::score::score_paper;
