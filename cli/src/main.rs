@@ -1,5 +1,6 @@
 //! The `deepmad` binary: parses the command line, sets up logging and signal handling, and
 //! hands the command to [`deepmad::run`].
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
@@ -7,7 +8,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    deepmad_kernels::heap::keep_freed_memory();
     let args = deepmad::args::Args::parse();
     // `run` draws progress bars: the services' routine logs would tear them.
     let default_filter = match args.command {
@@ -39,29 +40,6 @@ fn main() -> ExitCode {
         }
     }
 }
-
-/// Training frees and reallocates the same activation-sized buffers (megabytes) every step.
-/// glibc serves large blocks with fresh `mmap`s and unmaps them on free, so each step faulted in
-/// zeroed pages again. On the 2-core development machine ResNet-20 training ran at 105-110
-/// images/s at batch 128 with glibc's defaults, and at 156-168 with the heap keeping them; at
-/// batch 512, whose buffers exceed glibc's largest mmap threshold (32 MiB), it ran at 99 images/s
-/// until mmap was turned off for allocations altogether, and then at 175. Here: no
-/// allocation is served by its own mmap (the heap grows instead, and freed blocks are reused),
-/// and the heap's top is never trimmed. Memory is kept at its peak, as GPU frameworks' caching
-/// allocators do.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)] // mallopt is a plain libc call with integer arguments, before any thread.
-fn keep_freed_memory() {
-    // Safety: called first thing in main, before other threads exist; mallopt only sets
-    // allocator parameters (a rejected value leaves the default, which is only slower).
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; a second signal exits at once.
 async fn cancel_on_signal(shutdown: CancellationToken) {

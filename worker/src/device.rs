@@ -26,9 +26,7 @@ impl DeviceSpec {
                     reason: error.to_string(),
                 };
                 let device = Device::new_cuda(ordinal).map_err(failed)?;
-                #[cfg(feature = "cuda")]
-                crate::cuda_kernels::prepare_device(device.as_cuda_device().map_err(failed)?)
-                    .map_err(failed)?;
+                deepmad_kernels::prepare_device(&device).map_err(failed)?;
                 Ok(device)
             }
         }
@@ -36,7 +34,7 @@ impl DeviceSpec {
 
     /// Returns true when this build has candle's CUDA backend.
     pub fn cuda_compiled() -> bool {
-        cfg!(feature = "cuda")
+        deepmad_kernels::cuda_compiled()
     }
 }
 

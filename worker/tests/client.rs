@@ -235,6 +235,6 @@ fn checkpoint_epochs(setup: &Setup) -> u32 {
     }) else {
         return 0;
     };
-    deepmad_worker::checkpoint::load(&file, &candle_core::Device::Cpu)
+    deepmad_worker::train::checkpoint::load(&file, &candle_core::Device::Cpu)
         .map_or(0, |checkpoint| checkpoint.state.history.len() as u32)
 }

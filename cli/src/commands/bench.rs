@@ -13,9 +13,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use deepmad_design::{classic, Network};
-use deepmad_worker::kernels::{self, Kernels};
-use deepmad_worker::loss::soft_cross_entropy;
-use deepmad_worker::optim::{Sgd, SgdConfig};
+use deepmad_kernels::{parity, Kernels};
+use deepmad_worker::nn::loss::soft_cross_entropy;
+use deepmad_worker::train::optim::{Sgd, SgdConfig};
 use deepmad_worker::{DeviceSpec, Model};
 use serde::Serialize;
 
@@ -92,7 +92,8 @@ pub fn run(args: &BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
     for (name, network) in &designs {
         for &batch in &args.batch {
             for &kernel_set in &kernel_sets {
-                kernels::set(kernel_set);
+                // Restored on every way out of this scope, an error too.
+                let _kernels = deepmad_kernels::scoped(kernel_set);
                 let measured = measure(name, network, &device, &spec, batch, args, kernel_set)
                     .map_err(|error| Failure {
                         code: 1,
@@ -122,7 +123,6 @@ pub fn run(args: &BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
             }
         }
     }
-    kernels::set(Kernels::default());
     Ok(())
 }
 
@@ -238,11 +238,11 @@ fn measure(
 }
 
 fn check(device: &Device, spec: &DeviceSpec, out: &mut impl Write) -> Result<(), Failure> {
-    let rows = kernels::check(device).map_err(|error| Failure {
+    let rows = parity::check(device).map_err(|error| Failure {
         code: 1,
         message: format!("kernel check on {spec}: {error}"),
     })?;
-    let tolerance = kernels::check_tolerance(device);
+    let tolerance = parity::check_tolerance(device);
     writeln!(
         out,
         "deepmad kernels on {spec} vs candle's stock ops on the CPU (max |difference| / max |reference|, tolerance {tolerance:e}):"

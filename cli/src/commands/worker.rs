@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use deepmad_worker::client;
-use deepmad_worker::settings::WorkerSettings;
+use deepmad_worker::client::settings::WorkerSettings;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::WorkerArgs;

@@ -6,21 +6,17 @@
 //! [`Dataset`]: a train and a test [`Split`] of `channels x side x side` bytes per image, plus
 //! a content hash over the decoded images and labels, which is what results record.
 //!
-//! Then [`augment`] turns images into training batches and [`prefetch`] runs that ahead of the
-//! model on its own thread.
+//! Training turns images into batches: `train::augment` and `train::prefetch`.
 
-pub mod augment;
 pub mod cifar;
 pub mod folder;
 pub mod idx;
-pub mod prefetch;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use sha2::{Digest, Sha256};
 
 use crate::error::WorkerError;
 
@@ -308,7 +304,7 @@ fn channel_statistics(images: &[u8], channels: usize, image_len: usize) -> (Vec<
 
 /// SHA-256 over `channels, side, classes`, then each split's length, images and labels.
 fn content_hash(raw: &RawDataset) -> String {
-    let mut hasher = Sha256::new();
+    let mut hasher = deepmad_design::digest::Sha256Hex::new();
     for value in [raw.channels, raw.side, raw.num_classes] {
         hasher.update(value.to_le_bytes());
     }
@@ -319,11 +315,7 @@ fn content_hash(raw: &RawDataset) -> String {
             hasher.update(label.to_le_bytes());
         }
     }
-    hasher
-        .finalize()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    hasher.finish()
 }
 
 /// Reads a whole file, naming it on failure.

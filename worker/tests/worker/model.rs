@@ -5,7 +5,7 @@
 use candle_core::{DType, ModuleT, Tensor};
 use deepmad_design::count::{self, Event, Role};
 use deepmad_design::{classic, Network};
-use deepmad_worker::model::{Model, VarRole};
+use deepmad_worker::nn::{Model, VarRole};
 
 use crate::nets;
 

@@ -1,0 +1,253 @@
+//! The worker loop: register with a coordinator, lease trials, train each on a blocking thread
+//! while heartbeating, and report the outcome.
+//!
+//! Guarantees:
+//! * A heartbeat that says the lease is lost or the sweep was cancelled stops training at the
+//!   next batch (the checkpoint stays).
+//! * A finished result is never dropped: its report is retried with backoff while the
+//!   coordinator is unreachable, and written to `work_dir/pending/` if the worker must exit
+//!   first; the next start reports pending results before leasing.
+//! * Shutdown drains in order: stop leasing, stop the trial at the next batch (checkpoint),
+//!   report it as retryable so the trial is requeued at once, exit.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deepmad_proto::client::{endpoint, Bearer};
+use deepmad_proto::v1;
+use deepmad_proto::v1::work_service_client::WorkServiceClient;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::data::Dataset;
+use crate::device::DeviceSpec;
+use crate::error::WorkerError;
+use outbox::deliver_pending;
+use trial::{Finished, TrialRun};
+
+mod heartbeat;
+mod outbox;
+pub mod settings;
+mod trial;
+mod weights;
+
+/// The protocol version this worker speaks.
+pub const PROTOCOL_VERSION: u32 = deepmad_proto::PROTOCOL_VERSION;
+
+/// Size of the chunks of a weights upload (under the default 4 MiB message limit).
+const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
+
+/// How the worker finds its coordinator and where it keeps its files.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `http://host:port` (or `https://`).
+    pub coordinator: String,
+    pub token: Option<String>,
+    /// PEM file of the CA of an `https://` coordinator (default: the system's roots).
+    pub ca_cert: Option<PathBuf>,
+    pub device: DeviceSpec,
+    pub name: String,
+    /// Checkpoints (`checkpoints/<trial>.safetensors`) and undelivered reports (`pending/`).
+    pub work_dir: PathBuf,
+    /// First and largest wait between attempts to reach the coordinator.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Stop after this many trials (embedded runs and tests); `None` runs until shutdown.
+    pub max_trials: Option<u32>,
+    /// Where the loop publishes what it is doing, for progress displays (`deepmad run`).
+    pub status: Option<Arc<Mutex<WorkerStatus>>>,
+}
+
+/// What a worker is doing now, as a progress display shows it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkerStatus {
+    /// The trial being trained, if any.
+    pub trial: Option<String>,
+    /// Fraction of the trial's training done, in [0, 1].
+    pub fraction: f64,
+    /// Zero-based epoch in training, and the trial's epochs.
+    pub epoch: u32,
+    pub epochs: u32,
+    /// Loss of the last batch.
+    pub loss: f64,
+    pub images_per_second: f64,
+    /// Trials finished by this worker (completed, failed or stopped).
+    pub finished: u32,
+}
+
+/// Updates the published status, if any.
+fn publish(status: &Option<Arc<Mutex<WorkerStatus>>>, update: impl FnOnce(&mut WorkerStatus)) {
+    if let Some(status) = status {
+        update(&mut status.lock().expect("no panics while holding the lock"));
+    }
+}
+
+/// What a worker did before it stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientSummary {
+    pub trials_completed: u32,
+    pub trials_failed: u32,
+    pub trials_stopped: u32,
+}
+
+type Client = WorkServiceClient<InterceptedService<Channel, Bearer>>;
+
+fn coordinator_error(reason: impl std::fmt::Display) -> WorkerError {
+    WorkerError::Coordinator {
+        reason: reason.to_string(),
+    }
+}
+
+/// Runs the worker until `shutdown` is cancelled (or `max_trials` trials ran).
+pub async fn run(
+    config: ClientConfig,
+    shutdown: CancellationToken,
+) -> Result<ClientSummary, WorkerError> {
+    let device = config.device.open()?;
+    let mut client = connect(&config, &shutdown).await?;
+    let worker_id = uuid::Uuid::new_v4().to_string();
+    let registered = register(&mut client, &config, &worker_id, &shutdown).await?;
+    info!(%worker_id, coordinator = %config.coordinator, "worker registered");
+    deliver_pending(&mut client, &config, &shutdown).await;
+    let heartbeat_every = Duration::from_millis(registered.heartbeat_interval_ms.max(50));
+    let mut datasets: HashMap<String, Arc<Dataset>> = HashMap::new();
+    let mut summary = ClientSummary::default();
+    let mut backoff = config.backoff_min;
+    while !shutdown.is_cancelled()
+        && config.max_trials.is_none_or(|max| {
+            summary.trials_completed + summary.trials_failed + summary.trials_stopped < max
+        })
+    {
+        let request = v1::LeaseRequest {
+            worker_id: worker_id.clone(),
+        };
+        let response = match client.lease(request).await {
+            Ok(response) => {
+                backoff = config.backoff_min;
+                response.into_inner()
+            }
+            Err(status) => {
+                warn!(%status, "lease failed; retrying");
+                sleep_or_shutdown(backoff, &shutdown).await;
+                backoff = (backoff * 2).min(config.backoff_max);
+                continue;
+            }
+        };
+        let Some(assignment) = response.assignment else {
+            sleep_or_shutdown(
+                Duration::from_millis(response.retry_after_ms.max(50)),
+                &shutdown,
+            )
+            .await;
+            continue;
+        };
+        let trial = TrialRun {
+            client: client.clone(),
+            config: &config,
+            device: device.clone(),
+            heartbeat_every,
+        };
+        publish(&config.status, |status| {
+            *status = WorkerStatus {
+                trial: Some(assignment.trial_id.clone()),
+                finished: status.finished,
+                ..WorkerStatus::default()
+            }
+        });
+        match trial.run(assignment, &mut datasets, &shutdown).await {
+            Finished::Completed => summary.trials_completed += 1,
+            Finished::Failed => summary.trials_failed += 1,
+            Finished::Stopped => summary.trials_stopped += 1,
+        }
+        publish(&config.status, |status| {
+            status.trial = None;
+            status.finished += 1;
+        });
+    }
+    info!(?summary, "worker stopping");
+    Ok(summary)
+}
+
+async fn sleep_or_shutdown(duration: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(duration) => {}
+    }
+}
+
+/// Connects, retrying with backoff until the coordinator answers or shutdown.
+async fn connect(
+    config: &ClientConfig,
+    shutdown: &CancellationToken,
+) -> Result<Client, WorkerError> {
+    let endpoint =
+        endpoint(&config.coordinator, config.ca_cert.as_deref()).map_err(coordinator_error)?;
+    let bearer = Bearer::new(config.token.as_deref()).map_err(coordinator_error)?;
+    let mut backoff = config.backoff_min;
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(WorkServiceClient::with_interceptor(channel, bearer)),
+            Err(error) => warn!(%error, "coordinator unreachable; retrying"),
+        }
+        if shutdown.is_cancelled() {
+            return Err(coordinator_error(
+                "shut down before the coordinator answered",
+            ));
+        }
+        sleep_or_shutdown(backoff, shutdown).await;
+        backoff = (backoff * 2).min(config.backoff_max);
+    }
+}
+
+async fn register(
+    client: &mut Client,
+    config: &ClientConfig,
+    worker_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<v1::RegisterResponse, WorkerError> {
+    let (kind, index) = match config.device {
+        DeviceSpec::Cpu => ("cpu", 0),
+        DeviceSpec::Cuda(ordinal) => ("cuda", ordinal as u32),
+    };
+    let request = v1::RegisterRequest {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: worker_id.to_string(),
+        name: config.name.clone(),
+        devices: vec![v1::Device {
+            kind: kind.into(),
+            index,
+            name: config.device.to_string(),
+            memory_bytes: None,
+        }],
+    };
+    let mut backoff = config.backoff_min;
+    loop {
+        match client.register(request.clone()).await {
+            Ok(response) => return Ok(response.into_inner()),
+            // Refusals are final: a wrong token or protocol will not fix itself.
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::InvalidArgument
+                ) =>
+            {
+                return Err(coordinator_error(format!(
+                    "registration refused: {}",
+                    status.message()
+                )));
+            }
+            Err(status) => warn!(%status, "registration failed; retrying"),
+        }
+        if shutdown.is_cancelled() {
+            return Err(coordinator_error("shut down before registering"));
+        }
+        sleep_or_shutdown(backoff, shutdown).await;
+        backoff = (backoff * 2).min(config.backoff_max);
+    }
+}
