@@ -2,6 +2,7 @@
 //!
 //! Commands live in `commands/`, human-facing tables in `render.rs`. Every failure carries its
 //! exit code: 2 for bad input (the message names what is wrong), 1 for anything else.
+#![forbid(unsafe_code)]
 
 pub mod args;
 mod commands;

@@ -3,6 +3,7 @@
 //!
 //! Start reading at [`model`] (ids and states), then [`store`] (one type per backend, one method
 //! per use case, the lease protocol's transactions).
+#![forbid(unsafe_code)]
 
 pub mod analytics;
 pub mod app;

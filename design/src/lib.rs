@@ -7,6 +7,7 @@
 //!
 //! This crate does no I/O, spawns no threads and uses no global random state: every function
 //! is a deterministic function of its arguments.
+#![forbid(unsafe_code)]
 
 pub mod analyze;
 pub mod arch;

@@ -8,6 +8,7 @@
 //! name the wire field) and domain types into wire messages. Conversions that need the
 //! coordinator's records live in the coordinator's own `convert` module, because this crate
 //! must not depend on the coordinator (`design <- proto <- coordinator`).
+#![forbid(unsafe_code)]
 
 pub mod client;
 pub mod convert;
