@@ -125,7 +125,7 @@ pub struct RunArgs {
 /// Worker settings: flags (or their environment variables) override the `--config` file.
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
-    /// A TOML settings file (keys as the flags, with underscores; see worker/src/settings.rs).
+    /// A TOML settings file (keys as the flags, with underscores; see worker/src/client/settings.rs).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The coordinator's URL [default: http://127.0.0.1:50051].
