@@ -20,6 +20,8 @@ use deepmad_design::Activation;
 use crate::Kernels;
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cudnn;
 
 /// PyTorch's default epsilon.
 pub const EPS: f64 = 1e-5;
@@ -91,7 +93,7 @@ pub(crate) enum BatchStats {
     Tensors { mean: Tensor, variance: Tensor },
     /// Saved by cuDNN on the GPU, read by `cuda::cudnn::update_running_statistics`.
     #[cfg(feature = "cuda")]
-    Cudnn(crate::cuda::cudnn::BatchNormStash),
+    Cudnn(cudnn::BatchNormStash),
 }
 
 impl BatchStats {
@@ -125,7 +127,7 @@ pub(crate) fn train_pass(
     }
     #[cfg(feature = "cuda")]
     if deepmad && xs.device().is_cuda() {
-        let (ys, stash) = crate::cuda::cudnn::batch_norm_train(xs, weight, bias, EPS)?;
+        let (ys, stash) = cudnn::batch_norm_train(xs, weight, bias, EPS)?;
         return Ok((ys, BatchStats::Cudnn(stash)));
     }
     let (ys, mean, variance) = train_with_tensor_ops(xs, weight, bias)?;
@@ -151,7 +153,7 @@ pub(crate) fn record(
                 .set(&((running_var * (1.0 - momentum))? + (unbiased * momentum)?)?)
         }
         #[cfg(feature = "cuda")]
-        BatchStats::Cudnn(stash) => crate::cuda::cudnn::update_running_statistics(
+        BatchStats::Cudnn(stash) => cudnn::update_running_statistics(
             bn.running_mean.as_tensor(),
             bn.running_var.as_tensor(),
             stash,

@@ -35,6 +35,8 @@ pub(crate) use dense::DenseConv;
 pub(crate) use depthwise::own_depthwise_kernels;
 use depthwise::{depthwise_backward, depthwise_forward, DepthwiseConv};
 
+#[cfg(feature = "cuda")]
+pub(crate) mod cudnn;
 mod dense;
 mod depthwise;
 mod direct;
@@ -83,7 +85,7 @@ pub fn conv2d_with(
                 .contiguous()?
                 .apply_op2(&weight.contiguous()?, DepthwiseConv(windows));
         }
-        return crate::cuda::cudnn::conv2d(xs, weight, windows, out_channels, groups);
+        return cudnn::conv2d(xs, weight, windows, out_channels, groups);
     }
     let cpu_f32 = xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32;
     if cpu_f32 {

@@ -35,10 +35,12 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Shape, 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use deepmad_design::Activation;
 
-use crate::cuda::cudnn::{
-    batch_norm_backward_raw, batch_norm_forward_raw, cpu_unsupported, launch_conv, view,
-    BatchNormSaved, BatchNormStash, BnBackward, BnForward, ConvGeometry, Pass,
+use crate::batch_norm::cudnn::{
+    batch_norm_backward_raw, batch_norm_forward_raw, BatchNormSaved, BatchNormStash, BnBackward,
+    BnForward,
 };
+use crate::conv::cudnn::{launch_conv, ConvGeometry, Pass};
+use crate::cuda::cudnn::{cpu_unsupported, view};
 use crate::cuda::{launch, Arg};
 
 /// Whether `DEEPMAD_CUDA_CONV_BN` chose the fused op: `fused`, or `separate` (the default:
@@ -60,7 +62,7 @@ pub(crate) fn enabled() -> candle_core::Result<bool> {
 
 /// Returns `act(bn(conv(xs, weight)) + residual)` with batch statistics, differentiable in
 /// `xs`, `weight`, `bn_weight`, `bn_bias` and `residual`, and where the batch statistics are
-/// (for [`crate::cuda::cudnn::update_running_statistics`]). All tensors are f32 on one CUDA device.
+/// (for [`crate::batch_norm::cudnn::update_running_statistics`]). All tensors are f32 on one CUDA device.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train(
     xs: &Tensor,
@@ -171,13 +173,15 @@ impl ConvBnAct {
             .map(|(storage, layout)| view(storage, layout, &shape, what))
             .transpose()?;
         let weight = params.slice(..weight_len);
-        // SAFETY (the allocations): every element is written before it is read: the
-        // convolution's output by cuDNN, BatchNorm's output and statistics by cuDNN, the op's
-        // output by the add + activation kernel.
+        // SAFETY: uninitialised device memory; cuDNN's convolution writes every element of it
+        // on the next line, before anything reads it.
         let mut conv_out = unsafe { device.alloc::<f32>(n)? };
         launch_conv(&device, g, Pass::Forward, &input, &weight, &mut conv_out)?;
+        // SAFETY: uninitialised; cuDNN's BatchNorm forward below writes every element.
         let mut bn_out = unsafe { device.alloc::<f32>(n)? };
+        // SAFETY: uninitialised; the same call writes the batch mean of every channel.
         let mut mean = unsafe { device.alloc::<f32>(channels)? };
+        // SAFETY: uninitialised; the same call writes every channel's inverse deviation.
         let mut inv_std = unsafe { device.alloc::<f32>(channels)? };
         {
             let affine = params.slice(weight_len..);
@@ -206,6 +210,7 @@ impl ConvBnAct {
                 return Ok((CudaStorage::wrap_cuda_slice(ys, device), shape));
             }
             (None, Some(activation)) => {
+                // SAFETY: uninitialised; the activation kernel writes all `n` elements.
                 let mut ys = unsafe { device.alloc::<f32>(n)? };
                 let z = bn_out.slice(..);
                 let name = crate::activation::kernel_name(activation, false);
@@ -215,6 +220,7 @@ impl ConvBnAct {
                 ys
             }
             (Some(residual), activation) => {
+                // SAFETY: uninitialised; the add + activation kernel writes all `n` elements.
                 let mut ys = unsafe { device.alloc::<f32>(n)? };
                 let z = bn_out.slice(..);
                 let mut out = ys.slice_mut(..);
@@ -414,10 +420,10 @@ impl CustomOp3 for ConvBnActBackward {
             0
         };
         let len = n_in + params_len + residual.as_ref().map_or(0, |_| n_out);
-        // SAFETY (the allocations): cuDNN and the kernels below write every element: the input
-        // gradient (backward-data), the parameters' (backward-filter, BatchNorm's backward), the
-        // residual's (the activation's gradient or a copy of the output gradient), and the
-        // scratch gradients before they are read.
+        // SAFETY: uninitialised device memory; cuDNN and the kernels below write every element
+        // before anything reads it: the input gradient (backward-data), the parameters'
+        // (backward-filter, BatchNorm's backward) and the residual's (the activation's gradient
+        // or a copy of the output gradient).
         let mut out = unsafe { device.alloc::<f32>(len)? };
         let (mut dx, mut rest) = out.split_at_mut(n_in);
         let (mut dparams, mut dresidual) = rest.split_at_mut(params_len);
@@ -428,6 +434,8 @@ impl CustomOp3 for ConvBnActBackward {
                 let mut target = match residual {
                     Some(_) => dresidual.slice_mut(..),
                     None => scratch
+                        // SAFETY: uninitialised; the activation's gradient kernel writes all
+                        // `n_out` elements before BatchNorm's backward reads them.
                         .insert(unsafe { device.alloc::<f32>(n_out)? })
                         .slice_mut(..),
                 };
@@ -481,6 +489,8 @@ impl CustomOp3 for ConvBnActBackward {
             }
         }
         // BatchNorm's input gradient is the convolution's output gradient: scratch only.
+        // SAFETY: uninitialised; BatchNorm's backward writes every element before the
+        // convolution's backward calls read it.
         let mut grad_conv_out = unsafe { device.alloc::<f32>(n_out)? };
         {
             let (x, _x) = saved.conv_out.device_ptr(&stream);

@@ -8,6 +8,8 @@
 
 // Launching a kernel passes raw arguments to the driver; each launch below says why it is sound.
 
+pub(crate) mod cudnn;
+
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
