@@ -10,6 +10,51 @@ use tracing::warn;
 use super::Client;
 use crate::train::control::CancellationFlag;
 
+/// The heartbeat task of one attempt and what it shares with the training thread: the
+/// progress to report, the flag it cancels, and why it did.
+pub(super) struct Heartbeat {
+    task: tokio::task::JoinHandle<()>,
+    pub(super) shared: Arc<Mutex<Shared>>,
+    pub(super) flag: CancellationFlag,
+    cause: Arc<Mutex<StopCause>>,
+}
+
+impl Heartbeat {
+    /// Starts heartbeating `attempt` every `every`.
+    pub(super) fn start(client: Client, attempt: &str, token: &str, every: Duration) -> Heartbeat {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let flag = CancellationFlag::new();
+        let cause = Arc::new(Mutex::new(StopCause::None));
+        let task = tokio::spawn(heartbeat_loop(
+            client,
+            attempt.to_string(),
+            token.to_string(),
+            shared.clone(),
+            flag.clone(),
+            cause.clone(),
+            every,
+        ));
+        Heartbeat {
+            task,
+            shared,
+            flag,
+            cause,
+        }
+    }
+
+    /// Stops heartbeating; returns why the task stopped training, if it did, and the epochs'
+    /// metrics the coordinator has not stored yet.
+    pub(super) fn stop(self) -> (StopCause, Vec<v1::EpochMetrics>) {
+        self.task.abort();
+        let cause = *self.cause.lock().expect("no panics while holding the lock");
+        let mut shared = self
+            .shared
+            .lock()
+            .expect("no panics while holding the lock");
+        (cause, std::mem::take(&mut shared.epochs))
+    }
+}
+
 /// Progress shared between the training thread and the heartbeat task.
 #[derive(Default)]
 pub(super) struct Shared {
@@ -25,7 +70,7 @@ pub(super) enum StopCause {
     Cancelled,
 }
 
-pub(super) async fn heartbeat_loop(
+async fn heartbeat_loop(
     mut client: Client,
     attempt: String,
     token: String,

@@ -12,12 +12,12 @@ use deepmad_proto::v1;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::heartbeat::{heartbeat_loop, Shared, StopCause};
+use super::heartbeat::{Heartbeat, Shared, StopCause};
 use super::outbox::keep_pending;
 use super::{publish, sleep_or_shutdown, Client, ClientConfig, WorkerStatus};
 use crate::data::{Dataset, DatasetSpec, LoadOptions};
 use crate::error::{FailureClass, WorkerError};
-use crate::train::control::{CancellationFlag, Control, StepProgress, StopReason, TrainHooks};
+use crate::train::control::{Control, StepProgress, StopReason, TrainHooks};
 use crate::train::metrics::EpochMetrics;
 use crate::train::recipe::Recipe;
 use crate::train::{TrainOutcome, Trainer, TrainerOptions, TrialResult, TrialSpec};
@@ -97,18 +97,8 @@ impl TrialRun<'_> {
         info!(trial = %assignment.trial_id, %attempt, "trial leased");
         // Heartbeats start before the dataset loads and the weights download, which can take
         // longer than a lease.
-        let shared = Arc::new(Mutex::new(Shared::default()));
-        let flag = CancellationFlag::new();
-        let cause = Arc::new(Mutex::new(StopCause::None));
-        let heartbeat = tokio::spawn(heartbeat_loop(
-            self.client.clone(),
-            attempt.clone(),
-            token.clone(),
-            shared.clone(),
-            flag.clone(),
-            cause.clone(),
-            self.heartbeat_every,
-        ));
+        let heartbeat =
+            Heartbeat::start(self.client.clone(), &attempt, &token, self.heartbeat_every);
         let prepared = match self.prepare(&assignment, datasets).await {
             Ok((mut spec, dataset)) => self
                 .pretrained(&assignment, &mut spec, &dataset)
@@ -116,10 +106,10 @@ impl TrialRun<'_> {
                 .map(|pretrained| (spec, dataset, pretrained)),
             Err(error) => Err(error),
         };
-        let (trainer_spec, dataset, pretrained) = match prepared {
+        let (spec, dataset, pretrained) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
-                heartbeat.abort();
+                heartbeat.stop();
                 self.fail(&attempt, &token, &error).await;
                 return Finished::Failed;
             }
@@ -129,44 +119,17 @@ impl TrialRun<'_> {
             .work_dir
             .join("checkpoints")
             .join(format!("{}.safetensors", assignment.trial_id));
-        let stop_on_shutdown = {
-            let (flag, shutdown) = (flag.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                shutdown.cancelled().await;
-                flag.cancel();
-            })
-        };
         let options = TrainerOptions {
             checkpoint: Some(checkpoint.clone()),
             pretrained,
             ..TrainerOptions::new(self.device.clone())
         };
-        let mut hooks = SharedHooks {
-            shared: shared.clone(),
-            status: self.config.status.clone(),
-        };
-        let train_flag = flag.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let mut trainer = Trainer::new(trainer_spec, dataset, options)?;
-            trainer.run(&mut hooks, &train_flag)
-        })
-        .await
-        .unwrap_or_else(|error| {
-            Err(WorkerError::Loader {
-                reason: format!("training thread panicked: {error}"),
-            })
-        });
-        heartbeat.abort();
-        stop_on_shutdown.abort();
-        let cause = *cause.lock().expect("no panics while holding the lock");
+        let outcome = self
+            .train(spec, dataset, options, &heartbeat, shutdown)
+            .await;
+        let (cause, epochs) = heartbeat.stop();
         match outcome {
             Ok(TrainOutcome::Completed(result)) => {
-                let epochs = std::mem::take(
-                    &mut shared
-                        .lock()
-                        .expect("no panics while holding the lock")
-                        .epochs,
-                );
                 if assignment.upload_weights {
                     self.upload_weights(&attempt, &token, &checkpoint).await;
                 }
@@ -183,6 +146,42 @@ impl TrialRun<'_> {
                 Finished::Failed
             }
         }
+    }
+
+    /// Trains on a blocking thread until done, stopped by the heartbeat's flag (lease lost,
+    /// sweep cancelled) or by `shutdown`; hooks publish progress for the heartbeat to send.
+    async fn train(
+        &self,
+        spec: TrialSpec,
+        dataset: Arc<Dataset>,
+        options: TrainerOptions,
+        heartbeat: &Heartbeat,
+        shutdown: &CancellationToken,
+    ) -> Result<TrainOutcome, WorkerError> {
+        let stop_on_shutdown = {
+            let (flag, shutdown) = (heartbeat.flag.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                flag.cancel();
+            })
+        };
+        let mut hooks = SharedHooks {
+            shared: heartbeat.shared.clone(),
+            status: self.config.status.clone(),
+        };
+        let flag = heartbeat.flag.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut trainer = Trainer::new(spec, dataset, options)?;
+            trainer.run(&mut hooks, &flag)
+        })
+        .await
+        .unwrap_or_else(|error| {
+            Err(WorkerError::Loader {
+                reason: format!("training thread panicked: {error}"),
+            })
+        });
+        stop_on_shutdown.abort();
+        outcome
     }
 
     /// Parses the design and recipe and loads the dataset (cached across trials).
