@@ -156,6 +156,20 @@ pub fn solution(
     )
 }
 
+/// Returns `text` with control characters escaped (`\u{1b}`, `\n`): names stored before the
+/// coordinator refused them must not reach the terminal as escape sequences or line breaks.
+fn printable(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
+}
+
 fn short(id: &str) -> &str {
     &id[..id.len().min(8)]
 }
@@ -198,7 +212,7 @@ pub fn sweeps(out: &mut impl Write, sweeps: &[deepmad_proto::v1::SweepSummary]) 
     );
     for sweep in sweeps {
         let counts = sweep.counts.unwrap_or_default();
-        let name: String = sweep.name.chars().take(24).collect();
+        let name = printable(&sweep.name.chars().take(24).collect::<String>());
         table.rows.push(vec![
             short(&sweep.sweep_id).to_string(),
             name,
@@ -221,13 +235,14 @@ pub fn sweep(out: &mut impl Write, sweep: &deepmad_proto::v1::SweepSummary) -> i
         out,
         "sweep {} ({}), {}",
         sweep.sweep_id,
-        sweep.name,
+        printable(&sweep.name),
         state_name(sweep.state)
     )?;
     writeln!(
         out,
         "dataset {}, created by {}",
-        sweep.dataset, sweep.created_by
+        printable(&sweep.dataset),
+        printable(&sweep.created_by)
     )?;
     writeln!(
         out,
@@ -507,4 +522,26 @@ pub fn analytics(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 24 (item 9): a name stored before control characters were refused is printed
+    /// escaped, by `sweep list` and `sweep show`.
+    #[test]
+    fn sweep_names_print_with_control_characters_escaped() {
+        let summary = deepmad_proto::v1::SweepSummary {
+            sweep_id: "0123456789abcdef".into(),
+            name: "evil\u{1b}[2Jname\nx".into(),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        sweeps(&mut out, std::slice::from_ref(&summary)).unwrap();
+        sweep(&mut out, &summary).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        assert_eq!(text.matches("evil\\u{1b}[2Jname\\nx").count(), 2, "{text}");
+    }
 }

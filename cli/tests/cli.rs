@@ -436,3 +436,17 @@ fn export_pytorch_builds_the_workers_network() {
         assert_eq!(got, expected, "{design}");
     }
 }
+
+/// Issue 24 (item 9): a sweep file whose recipe every worker would refuse is refused before
+/// anything is sent (no coordinator runs here), exit code 2, naming the key.
+#[test]
+fn sweep_create_refuses_a_bad_recipe() {
+    let sweep = "name = \"bad\"\ndataset = \"idx:data/mnist-subset\"\nseeds = [0]\n\
+                 [grid]\nblock = [\"basic\"]\nrho = [0.3]\nbudget = [{ params = \"20K\" }]\n\
+                 resolution = 28\nnum_classes = 10\n[recipe]\nepochs = 0\n";
+    let file = temp_file("epochs-zero.toml", sweep);
+    assert_bad_input(
+        &["sweep", "create", file.to_str().unwrap()],
+        "recipe.epochs: must be between 1 and 10000, got 0",
+    );
+}

@@ -40,7 +40,7 @@ fn sweep_toml() -> String {
     format!(
         "name = \"finished\"\ndataset = \"idx:data/mnist-subset\"\nseeds = [0, 1]\n[grid]\n\
          block = [\"basic\"]\nrho = [0.3, 1.0]\nbudget = [{{ params = \"20K\", flops = \"4M\" }}]\n\
-         resolution = 28\nnum_classes = 10\nin_channels = 1\n[recipe]\nepochs = {EPOCHS}\n"
+         resolution = 28\nnum_classes = 10\nin_channels = 1\n[recipe]\nepochs = {EPOCHS}\nwarmup_epochs = 0\n"
     )
 }
 

@@ -275,14 +275,38 @@ impl From<&Lease> for v1::Assignment {
     }
 }
 
-fn finite(value: f64, field: &str) -> Result<f64, Error> {
-    if !value.is_finite() {
+// Reported metrics are checked against their ranges, not only for finiteness (issue 24): a
+// result of top-1 = 1e300 would otherwise be recorded and rank first. NaN is in no range.
+
+/// Checks an accuracy: a fraction of the test images.
+fn fraction(value: f64, field: &str) -> Result<f64, Error> {
+    if !(0.0..=1.0).contains(&value) {
+        return Err(invalid(field, format!("must be in [0, 1], got {value}")));
+    }
+    Ok(value)
+}
+
+/// Checks a loss, a rate or a duration.
+fn non_negative(value: f64, field: &str) -> Result<f64, Error> {
+    if !(value.is_finite() && value >= 0.0) {
         return Err(invalid(
             field,
-            format!("must be a finite number, got {value}"),
+            format!("must be a finite number >= 0, got {value}"),
         ));
     }
     Ok(value)
+}
+
+/// Checks that top-5 is at least top-1 (the five best guesses include the best); `field` is
+/// the path of the metrics (`metrics`, `epochs[2]`).
+fn top5_not_below_top1(top1: f64, top5: f64, field: &str) -> Result<(), Error> {
+    if top5 < top1 {
+        return Err(invalid(
+            &format!("{field}.top5"),
+            format!("is {top5}, below top1 {top1}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads heartbeat progress (absent progress is epoch 0, step 0).
@@ -290,13 +314,21 @@ pub fn progress_from_proto(progress: Option<&v1::Progress>) -> Result<Progress, 
     let Some(progress) = progress else {
         return Ok(Progress::default());
     };
-    let optional = |value: Option<f64>, field: &str| value.map(|v| finite(v, field)).transpose();
     Ok(Progress {
         epoch: non_negative_i32(progress.epoch, "progress.epoch")?,
         step: count_from_wire(progress.step, "progress.step")?,
-        loss: optional(progress.loss, "progress.loss")?,
-        top1: optional(progress.top1, "progress.top1")?,
-        images_per_second: optional(progress.images_per_second, "progress.images_per_second")?,
+        loss: progress
+            .loss
+            .map(|loss| non_negative(loss, "progress.loss"))
+            .transpose()?,
+        top1: progress
+            .top1
+            .map(|top1| fraction(top1, "progress.top1"))
+            .transpose()?,
+        images_per_second: progress
+            .images_per_second
+            .map(|rate| non_negative(rate, "progress.images_per_second"))
+            .transpose()?,
     })
 }
 
@@ -305,15 +337,18 @@ pub fn epoch_metrics_from_proto(
     wire: &v1::EpochMetrics,
     field: &str,
 ) -> Result<EpochMetrics, Error> {
-    let check = |value: f64, name: &str| finite(value, &format!("{field}.{name}"));
+    let named = |name: &str| format!("{field}.{name}");
+    let top1 = fraction(wire.top1, &named("top1"))?;
+    let top5 = fraction(wire.top5, &named("top5"))?;
+    top5_not_below_top1(top1, top5, field)?;
     Ok(EpochMetrics {
-        epoch: non_negative_i32(wire.epoch, &format!("{field}.epoch"))?,
-        train_loss: check(wire.train_loss, "train_loss")?,
-        test_loss: check(wire.test_loss, "test_loss")?,
-        top1: check(wire.top1, "top1")?,
-        top5: check(wire.top5, "top5")?,
-        images_per_second: check(wire.images_per_second, "images_per_second")?,
-        learning_rate: check(wire.learning_rate, "learning_rate")?,
+        epoch: non_negative_i32(wire.epoch, &named("epoch"))?,
+        train_loss: non_negative(wire.train_loss, &named("train_loss"))?,
+        test_loss: non_negative(wire.test_loss, &named("test_loss"))?,
+        top1,
+        top5,
+        images_per_second: non_negative(wire.images_per_second, &named("images_per_second"))?,
+        learning_rate: non_negative(wire.learning_rate, &named("learning_rate"))?,
     })
 }
 
@@ -345,24 +380,14 @@ impl From<&EpochMetrics> for v1::EpochMetrics {
 /// Reads a completion's final metrics (the field is `metrics` in `CompleteRequest`).
 pub fn final_metrics_from_proto(wire: Option<&v1::FinalMetrics>) -> Result<FinalMetrics, Error> {
     let wire = wire.ok_or_else(|| invalid("metrics", "must be set"))?;
-    for (name, value) in [
-        ("top1", wire.top1),
-        ("top5", wire.top5),
-        ("test_loss", wire.test_loss),
-    ] {
-        finite(value, &format!("metrics.{name}"))?;
-    }
-    if !wire.train_seconds.is_finite() || wire.train_seconds < 0.0 {
-        return Err(invalid(
-            "metrics.train_seconds",
-            "must be a non-negative number",
-        ));
-    }
+    let top1 = fraction(wire.top1, "metrics.top1")?;
+    let top5 = fraction(wire.top5, "metrics.top5")?;
+    top5_not_below_top1(top1, top5, "metrics")?;
     Ok(FinalMetrics {
-        top1: wire.top1,
-        top5: wire.top5,
-        test_loss: wire.test_loss,
-        train_seconds: wire.train_seconds,
+        top1,
+        top5,
+        test_loss: non_negative(wire.test_loss, "metrics.test_loss")?,
+        train_seconds: non_negative(wire.train_seconds, "metrics.train_seconds")?,
         epochs: non_negative_i32(wire.epochs, "metrics.epochs")?,
         dataset_hash: wire.dataset_hash.clone(),
         checkpoint: wire.checkpoint.clone(),

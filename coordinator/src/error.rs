@@ -97,6 +97,8 @@ impl From<DesignError> for Error {
     fn from(error: DesignError) -> Error {
         let field = match &error {
             DesignError::InvalidNetwork { .. } | DesignError::Malformed { .. } => "architecture",
+            DesignError::InvalidRecipe { .. } | DesignError::MalformedRecipe { .. } => "recipe",
+            DesignError::InvalidDatasetSpec { .. } => "dataset",
             DesignError::UnknownNetwork { .. } => "builtin",
             DesignError::InvalidInput { field, .. } => field,
             DesignError::Unsupported { .. } => "objective",

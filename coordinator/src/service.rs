@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use deepmad_design::recipe::Recipe;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -256,6 +257,11 @@ impl Coordinator {
     ) -> Result<HeartbeatOutcome, Error> {
         self.metrics.heartbeat();
         self.after_outage().await?;
+        let mut reported = vec![("progress.epoch".to_string(), progress.epoch)];
+        for (index, metrics) in epochs.iter().enumerate() {
+            reported.push((format!("epochs[{index}].epoch"), metrics.epoch));
+        }
+        self.check_epochs(attempt, &reported).await?;
         let outcome = self.watch_store(
             self.store
                 .heartbeat(
@@ -281,6 +287,11 @@ impl Coordinator {
         metrics: &FinalMetrics,
     ) -> Result<CompleteOutcome, Error> {
         self.after_outage().await?;
+        let mut reported = vec![("metrics.epochs".to_string(), metrics.epochs)];
+        for (index, epoch) in metrics.epochs_metrics.iter().enumerate() {
+            reported.push((format!("metrics.epoch_metrics[{index}].epoch"), epoch.epoch));
+        }
+        self.check_epochs(attempt, &reported).await?;
         let outcome = self.watch_store(
             self.store
                 .complete(attempt, token, metrics, self.clock.now())
@@ -293,6 +304,34 @@ impl Coordinator {
         info!(%attempt, ?outcome, top1 = metrics.top1, "completion reported");
         self.refresh_queue_metrics().await;
         Ok(outcome)
+    }
+
+    /// Refuses a report that counts more epochs than its trial's recipe runs (issue 24): its
+    /// numbers describe a run that cannot have happened. `reported` pairs each epoch count or
+    /// number with its request field.
+    async fn check_epochs(
+        &self,
+        attempt: AttemptId,
+        reported: &[(String, i32)],
+    ) -> Result<(), Error> {
+        // An unknown attempt is left to the store, which answers it as it always has.
+        let Some(recipe_json) = self.watch_store(self.store.attempt_recipe(attempt).await)? else {
+            return Ok(());
+        };
+        // A recipe stored before sweeps were checked may not read; its trial cannot train.
+        let recipe = serde_json::from_str(&recipe_json)
+            .ok()
+            .and_then(|json| Recipe::from_json(&json).ok());
+        let Some(total) = recipe.map(|recipe| i64::from(recipe.total_epochs())) else {
+            return Ok(());
+        };
+        match reported.iter().find(|(_, epoch)| i64::from(*epoch) > total) {
+            None => Ok(()),
+            Some((field, epoch)) => Err(Error::InvalidArgument {
+                field: field.clone(),
+                reason: format!("is {epoch}, but the trial's recipe runs {total} epochs"),
+            }),
+        }
     }
 
     pub async fn fail(

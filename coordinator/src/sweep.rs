@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use deepmad_design::recipe::Recipe;
 use deepmad_design::score::ObjectiveKind;
 use deepmad_design::solver::{solve, Family, Problem, SearchSpace, Solution};
 use deepmad_design::units::parse_count;
@@ -19,6 +20,10 @@ use crate::store::{NewDesign, NewGridPoint, NewSweep, NewTask};
 
 /// The version of the solver that produced a design, stored with it.
 pub const SOLVER_VERSION: &str = concat!("deepmad-design ", env!("CARGO_PKG_VERSION"));
+
+/// The most deterministic failures a sweep may allow per trial: the bound of the
+/// coordinator's own `retry.max_attempts` setting.
+pub const MAX_ATTEMPTS: u32 = 100;
 
 /// A budget: parameters and/or FLOPs (multiply-accumulates), in human units in TOML.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,7 +135,8 @@ pub struct SweepSpec {
     pub dataset: String,
     pub seeds: Vec<u64>,
     pub grid: GridSpec,
-    /// The training recipe, passed to workers as JSON; validated by them.
+    /// The training recipe, passed to workers as JSON as it was given (its hash is part of
+    /// each trial's identity); checked with the workers' rules (`Recipe::from_json`) first.
     pub recipe: serde_json::Value,
     /// Downstream evaluations of every trained backbone (`[[downstream]]` tables).
     #[serde(default)]
@@ -199,6 +205,13 @@ impl SweepSpec {
     }
 
     fn validate(&self, max_grid_points: usize) -> Result<(), Error> {
+        self.validate_fields()?;
+        self.validate_grid_size(max_grid_points)
+    }
+
+    /// Checks every field but the grid's size (a limit of the coordinator's settings), so the
+    /// CLI refuses a bad sweep file before it connects; `CreateSweep` checks everything.
+    pub fn validate_fields(&self) -> Result<(), Error> {
         let invalid = |field: &str, reason: String| Error::InvalidArgument {
             field: field.to_string(),
             reason,
@@ -206,6 +219,7 @@ impl SweepSpec {
         if self.name.trim().is_empty() || self.name.len() > 200 {
             return Err(invalid("name", "must be 1 to 200 characters".into()));
         }
+        check_printable(&self.name, "name")?;
         check_dataset(&self.dataset)?;
         if self.seeds.is_empty() || self.seeds.len() > 100 {
             return Err(invalid(
@@ -213,16 +227,23 @@ impl SweepSpec {
                 format!("needs 1 to 100 seeds, got {}", self.seeds.len()),
             ));
         }
+        check_recipe(&self.recipe, "recipe")?;
         self.validate_downstream()?;
-        if !self.recipe.is_object() {
-            return Err(invalid(
-                "recipe",
-                "must be a table of training settings".into(),
-            ));
+        if let Some(bad) = self
+            .max_attempts
+            .filter(|n| !(1..=MAX_ATTEMPTS).contains(n))
+        {
+            let reason = format!("must be between 1 and {MAX_ATTEMPTS}, got {bad}");
+            return Err(invalid("max_attempts", reason));
         }
-        if self.max_attempts == Some(0) {
-            return Err(invalid("max_attempts", "must be at least 1".into()));
-        }
+        self.validate_grid()
+    }
+
+    fn validate_grid(&self) -> Result<(), Error> {
+        let invalid = |field: &str, reason: String| Error::InvalidArgument {
+            field: field.to_string(),
+            reason,
+        };
         let grid = &self.grid;
         for (field, length) in [
             ("grid.block", grid.block.len()),
@@ -239,6 +260,11 @@ impl SweepSpec {
                 format!("every rho must be a positive number, got {bad}"),
             ));
         }
+        Ok(())
+    }
+
+    fn validate_grid_size(&self, max_grid_points: usize) -> Result<(), Error> {
+        let grid = &self.grid;
         let points = [
             grid.block.len(),
             grid.rho.len(),
@@ -282,6 +308,7 @@ impl SweepSpec {
                     reason: "must be 1 to 64 characters".into(),
                 });
             }
+            check_printable(name, &field("name"))?;
             if !names.insert(name) {
                 return Err(Error::InvalidArgument {
                     field: field("name"),
@@ -289,12 +316,14 @@ impl SweepSpec {
                 });
             }
             check_dataset_field(&task.dataset, &field("dataset"))?;
-            if !task.recipe.is_object() {
-                return Err(Error::InvalidArgument {
+            // What the task's workers read: the sweep's recipe with the task's keys on top.
+            let merged = merged_recipe(&self.recipe, &task.recipe).ok_or_else(|| {
+                Error::InvalidArgument {
                     field: field("recipe"),
                     reason: "must be a table of training settings".into(),
-                });
-            }
+                }
+            })?;
+            check_recipe(&merged, &field("recipe"))?;
         }
         Ok(())
     }
@@ -306,14 +335,8 @@ impl SweepSpec {
             .iter()
             .enumerate()
             .map(|(index, task)| {
-                let mut recipe = self.recipe.clone();
-                if let (Some(base), Some(overrides)) =
-                    (recipe.as_object_mut(), task.recipe.as_object())
-                {
-                    for (key, value) in overrides {
-                        base.insert(key.clone(), value.clone());
-                    }
-                }
+                let recipe = merged_recipe(&self.recipe, &task.recipe)
+                    .unwrap_or_else(|| self.recipe.clone());
                 let recipe_json = canonical_json(&recipe);
                 let identity = serde_json::json!({
                     "kind": task.task.name(),
@@ -330,6 +353,47 @@ impl SweepSpec {
                 }
             })
             .collect()
+    }
+}
+
+/// Refuses control characters in a name: names are printed in terminals and pages, where
+/// they would be escape sequences and line breaks.
+fn check_printable(name: &str, field: &str) -> Result<(), Error> {
+    match name.chars().find(|c| c.is_control()) {
+        None => Ok(()),
+        Some(bad) => Err(Error::InvalidArgument {
+            field: field.to_string(),
+            reason: format!("must not contain control characters, found {bad:?}"),
+        }),
+    }
+}
+
+/// Returns `base` with the keys of `overrides` on top (a downstream task's recipe), or `None`
+/// when either is not a table.
+fn merged_recipe(
+    base: &serde_json::Value,
+    overrides: &serde_json::Value,
+) -> Option<serde_json::Value> {
+    let mut merged = base.as_object()?.clone();
+    for (key, value) in overrides.as_object()? {
+        merged.insert(key.clone(), value.clone());
+    }
+    Some(serde_json::Value::Object(merged))
+}
+
+/// Checks a training recipe with the workers' rules; `field` is where it sits in the sweep
+/// (`recipe`, `downstream[0].recipe`), and the error names the key under it.
+fn check_recipe(recipe: &serde_json::Value, field: &str) -> Result<(), Error> {
+    match Recipe::from_json(recipe) {
+        Ok(_) => Ok(()),
+        Err(DesignError::InvalidRecipe { key, reason }) => Err(Error::InvalidArgument {
+            field: format!("{field}.{key}"),
+            reason,
+        }),
+        Err(other) => Err(Error::InvalidArgument {
+            field: field.to_string(),
+            reason: other.to_string(),
+        }),
     }
 }
 
@@ -562,6 +626,7 @@ num_classes = 10
 
 [recipe]
 epochs = 1
+warmup_epochs = 0
 "#;
 
     #[test]

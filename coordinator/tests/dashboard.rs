@@ -112,7 +112,7 @@ async fn finished_sweep_with(coordinator: &Coordinator, extra: &str) -> (SweepId
     let toml = format!(
         "name = {name:?}\ndataset = \"idx:data/mnist-subset\"\nseeds = [0, 1]\n\
          [grid]\nblock = [\"basic\"]\nrho = [0.3, 1.0]\nbudget = [{{ params = \"20K\", flops = \"4M\" }}]\n\
-         resolution = 28\nnum_classes = 10\nin_channels = 1\n[recipe]\nepochs = {EPOCHS}\n{extra}",
+         resolution = 28\nnum_classes = 10\nin_channels = 1\n[recipe]\nepochs = {EPOCHS}\nwarmup_epochs = 0\n{extra}",
         name = SWEEP_NAME
     );
     let spec = SweepSpec::from_toml(&toml).unwrap();

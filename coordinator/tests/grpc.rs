@@ -90,7 +90,7 @@ fn spec(rho: Vec<f64>) -> v1::SweepSpec {
             stage_strides: vec![],
             in_channels: Some(1),
         }),
-        recipe_json: r#"{"epochs": 1}"#.into(),
+        recipe_json: r#"{"epochs": 1, "warmup_epochs": 0}"#.into(),
         dataset: "idx:data/mnist-subset".into(),
         seeds: vec![0],
         downstream: vec![],
@@ -261,7 +261,7 @@ fn downstream(task: &str, dataset: &str) -> v1::DownstreamTask {
         name: String::new(),
         task: task.into(),
         dataset: dataset.into(),
-        recipe_json: r#"{"epochs":1}"#.into(),
+        recipe_json: r#"{"epochs": 1, "warmup_epochs": 0}"#.into(),
     }
 }
 
@@ -329,6 +329,7 @@ async fn bad_requests_are_refused_and_store_nothing() {
             "downstream[0].recipe",
         ),
     ];
+    let cases = cases.into_iter().chain(issue_24_bad_sweeps());
     for (spec, code, needle) in cases {
         let status = sweeps
             .create_sweep(v1::CreateSweepRequest { spec: Some(spec) })
@@ -377,6 +378,59 @@ async fn bad_requests_are_refused_and_store_nothing() {
         .unwrap()
         .into_inner();
     assert!(listed.sweeps.is_empty(), "no partial sweep left behind");
+}
+
+/// Issue 24 (item 9): sweeps that every worker would refuse, or that the store cannot hold,
+/// are refused at creation naming the field.
+fn issue_24_bad_sweeps() -> Vec<(v1::SweepSpec, Code, &'static str)> {
+    let with_recipe = |recipe: &str| v1::SweepSpec {
+        recipe_json: recipe.into(),
+        ..spec(vec![0.3])
+    };
+    let cases: Vec<(v1::SweepSpec, &'static str)> = vec![
+        (
+            with_recipe(r#"{"epochs": 0}"#),
+            "recipe.epochs: must be between 1 and 10000, got 0",
+        ),
+        (with_recipe(r#"{"epochs": 4000000000}"#), "recipe.epochs"),
+        (
+            with_recipe(r#"{"epochs": 1, "warmup_epochs": 0, "batch_size": 4000000000}"#),
+            "recipe.batch_size",
+        ),
+        (
+            with_recipe(r#"{"epochs": 1, "colour": 3}"#),
+            "recipe.colour",
+        ),
+        (with_recipe(r#"{"lr": "fast"}"#), "recipe.lr"),
+        (
+            v1::SweepSpec {
+                downstream: vec![v1::DownstreamTask {
+                    recipe_json: r#"{"lr": -1.0}"#.into(),
+                    ..downstream("finetune", "idx:a")
+                }],
+                ..spec(vec![0.3])
+            },
+            "downstream[0].recipe.lr",
+        ),
+        (
+            v1::SweepSpec {
+                max_attempts: u32::MAX,
+                ..spec(vec![0.3])
+            },
+            "max_attempts: must be between 1 and 100, got 4294967295",
+        ),
+        (
+            v1::SweepSpec {
+                name: "clear\u{1b}[2J".into(),
+                ..spec(vec![0.3])
+            },
+            "invalid name",
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(spec, needle)| (spec, Code::InvalidArgument, needle))
+        .collect()
 }
 
 /// Registers a fresh worker incarnation and returns its id.
@@ -932,4 +986,185 @@ async fn trained_weights_travel_to_downstream_trials_under_their_leases() {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert!(status.message().contains(&training.trial_id), "{status:?}");
+}
+
+fn epoch(epoch: u32, top1: f64) -> v1::EpochMetrics {
+    v1::EpochMetrics {
+        epoch,
+        train_loss: 0.5,
+        test_loss: 0.4,
+        top1,
+        top5: 0.99,
+        images_per_second: 10.0,
+        learning_rate: 0.1,
+    }
+}
+
+/// Issue 24 (item 1b): a report with a metric out of its range, or with more epochs than the
+/// trial's recipe runs (1 here), is refused naming the field and stores nothing; a good
+/// report is still recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_reports_are_refused_and_store_nothing() {
+    let running = start(vec![]).await;
+    let channel = channel(running.address).await;
+    let mut sweeps = SweepServiceClient::new(channel.clone());
+    let mut work = WorkServiceClient::new(channel);
+    let request = v1::CreateSweepRequest {
+        spec: Some(spec(vec![0.3])),
+    };
+    sweeps.create_sweep(request).await.unwrap();
+    let worker_id = register(&mut work).await;
+    let assignment = lease_one(&mut work, &worker_id).await;
+    let completion = |metrics: v1::FinalMetrics| v1::CompleteRequest {
+        attempt_id: assignment.attempt_id.clone(),
+        lease_token: assignment.lease_token.clone(),
+        metrics: Some(metrics),
+    };
+    let bad_completions = [
+        (
+            v1::FinalMetrics {
+                top1: 1e300,
+                top5: -5.0,
+                ..metrics(0.9)
+            },
+            "metrics.top1",
+        ),
+        (
+            v1::FinalMetrics {
+                top5: 0.5,
+                ..metrics(0.9)
+            },
+            "metrics.top5",
+        ),
+        (
+            v1::FinalMetrics {
+                test_loss: -0.1,
+                ..metrics(0.9)
+            },
+            "metrics.test_loss",
+        ),
+        (
+            v1::FinalMetrics {
+                train_seconds: f64::INFINITY,
+                ..metrics(0.9)
+            },
+            "metrics.train_seconds",
+        ),
+        (
+            v1::FinalMetrics {
+                epochs: 2,
+                ..metrics(0.9)
+            },
+            "metrics.epochs",
+        ),
+        (
+            v1::FinalMetrics {
+                epoch_metrics: vec![epoch(1, 1.5)],
+                ..metrics(0.9)
+            },
+            "metrics.epoch_metrics[0].top1",
+        ),
+        (
+            v1::FinalMetrics {
+                epoch_metrics: vec![epoch(3, 0.9)],
+                ..metrics(0.9)
+            },
+            "metrics.epoch_metrics[0].epoch",
+        ),
+    ];
+    for (bad, field) in bad_completions {
+        let status = work.complete(completion(bad)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(
+            status.message().contains(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    let progress = v1::Progress {
+        epoch: 1,
+        step: 3,
+        loss: Some(1.0),
+        top1: None,
+        images_per_second: Some(10.0),
+    };
+    let bad_heartbeats = [
+        (
+            v1::Progress {
+                loss: Some(-1.0),
+                ..progress
+            },
+            vec![],
+            "progress.loss",
+        ),
+        (
+            v1::Progress {
+                top1: Some(2.0),
+                ..progress
+            },
+            vec![],
+            "progress.top1",
+        ),
+        (
+            v1::Progress {
+                images_per_second: Some(f64::NAN),
+                ..progress
+            },
+            vec![],
+            "progress.images_per_second",
+        ),
+        (
+            v1::Progress {
+                epoch: 5,
+                ..progress
+            },
+            vec![],
+            "progress.epoch",
+        ),
+        (
+            progress,
+            vec![v1::EpochMetrics {
+                learning_rate: -0.1,
+                ..epoch(1, 0.9)
+            }],
+            "epochs[0].learning_rate",
+        ),
+        (progress, vec![epoch(2, 0.9)], "epochs[0].epoch"),
+    ];
+    for (progress, epochs, field) in bad_heartbeats {
+        let heartbeat = v1::HeartbeatRequest {
+            attempt_id: assignment.attempt_id.clone(),
+            lease_token: assignment.lease_token.clone(),
+            progress: Some(progress),
+            epochs,
+        };
+        let status = work.heartbeat(heartbeat).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(
+            status.message().contains(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    let trial = deepmad_coordinator::convert::parse_id(&assignment.trial_id, "trial").unwrap();
+    let history = running.coordinator.trial_history(trial).await.unwrap();
+    assert!(
+        history.result.is_none() && history.epochs.is_empty(),
+        "{history:?}"
+    );
+    assert!(history.late_results.is_empty(), "{history:?}");
+
+    let good = v1::FinalMetrics {
+        epoch_metrics: vec![epoch(1, 0.9)],
+        ..metrics(0.9)
+    };
+    let outcome = work
+        .complete(completion(good))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome;
+    assert_eq!(outcome, v1::complete_response::Outcome::Recorded as i32);
+    let history = running.coordinator.trial_history(trial).await.unwrap();
+    assert_eq!(history.result.map(|result| result.top1), Some(0.9));
 }

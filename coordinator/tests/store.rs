@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use deepmad_coordinator::model::{
-    AttemptState, DesignId, FailureClass, LeaseToken, SweepId, SweepState, TrialState, WorkerId,
+    AttemptId, AttemptState, DesignId, FailureClass, LeaseToken, SweepId, SweepState, TrialState,
+    WorkerId,
 };
 use deepmad_coordinator::store::{
     CompleteOutcome, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome, LeaderboardFilter,
@@ -497,6 +498,10 @@ async fn a_lease_runs_from_claim_to_complete(store: &Store) {
         "the canonical bytes"
     );
     assert_eq!(lease.recipe_json, new.recipe_json);
+    // Reports are checked against the attempt's recipe (issue 24).
+    let recipe = store.attempt_recipe(lease.attempt).await.unwrap();
+    assert_eq!(recipe.as_deref(), Some(new.recipe_json.as_str()));
+    assert_eq!(store.attempt_recipe(AttemptId::new()).await.unwrap(), None);
     assert_eq!((lease.dataset.as_str(), lease.seed), ("idx:data/test", 7));
     assert_eq!(lease.expires_at, at(11.0));
     assert!(store

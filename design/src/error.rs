@@ -15,6 +15,19 @@ pub enum DesignError {
         reason: String,
     },
 
+    /// A training recipe value is out of range or of the wrong type, or the key is unknown;
+    /// `key` is the recipe's key (`epochs`, `lr`).
+    #[error("invalid recipe: {key} {reason}")]
+    InvalidRecipe { key: String, reason: String },
+
+    /// A recipe is not valid TOML or not a table; `location` says where.
+    #[error("malformed recipe {location}: {reason}")]
+    MalformedRecipe { location: String, reason: String },
+
+    /// A `KIND:PATH` dataset spec could not be parsed.
+    #[error("invalid dataset {spec:?}: {reason}")]
+    InvalidDatasetSpec { spec: String, reason: String },
+
     /// A named built-in network does not exist.
     #[error("unknown network {name:?} (known: {known})")]
     UnknownNetwork { name: String, known: String },

@@ -3,7 +3,8 @@
 //! Start reading at [`arch::Network`], the architecture IR, then [`count::walk`], which every
 //! count and score folds over. [`score`] implements the paper's conventions (Sec. 4),
 //! [`tinynas`] those of the paper's official code, and [`solver`] solves Sec. 4.3's
-//! mathematical program. [`classic`] holds torchvision's reference networks.
+//! mathematical program. [`classic`] holds torchvision's reference networks. [`recipe`] is
+//! the training recipe of a trial, checked here so the coordinator and the workers agree.
 //!
 //! This crate does no I/O, spawns no threads and uses no global random state: every function
 //! is a deterministic function of its arguments.
@@ -13,9 +14,11 @@ pub mod analyze;
 pub mod arch;
 pub mod classic;
 pub mod count;
+pub mod dataset;
 pub mod digest;
 pub mod error;
 mod memo;
+pub mod recipe;
 pub mod score;
 pub mod solver;
 pub mod tinynas;

@@ -21,7 +21,7 @@ pub enum FailureClass {
 pub enum WorkerError {
     /// The design itself is invalid or unknown.
     #[error("invalid design: {0}")]
-    Design(#[from] DesignError),
+    Design(DesignError),
 
     /// A recipe value is out of range; `key` is the TOML key.
     #[error("invalid recipe: {key} {reason}")]
@@ -78,6 +78,25 @@ pub enum WorkerError {
     /// A downstream evaluation's starting weights do not exist or do not fit its design.
     #[error("pretrained weights: {reason}")]
     Weights { reason: String },
+}
+
+impl From<DesignError> for WorkerError {
+    /// The recipe and the dataset spec are parsed by the design crate (the coordinator checks
+    /// sweeps with the same code); their errors keep the worker's own variants.
+    fn from(error: DesignError) -> WorkerError {
+        match error {
+            DesignError::InvalidRecipe { key, reason } => {
+                WorkerError::InvalidRecipe { key, reason }
+            }
+            DesignError::MalformedRecipe { location, reason } => {
+                WorkerError::MalformedRecipe { location, reason }
+            }
+            DesignError::InvalidDatasetSpec { spec, reason } => {
+                WorkerError::InvalidDatasetSpec { spec, reason }
+            }
+            other => WorkerError::Design(other),
+        }
+    }
 }
 
 impl WorkerError {

@@ -86,6 +86,8 @@ async fn create(args: &crate::args::SweepCreateArgs, out: &mut impl Write) -> Re
         Failure::usage(format!("{}: {error}", args.file.display()))
     };
     let spec = SweepSpec::from_toml(&text).map_err(in_file)?;
+    // The coordinator checks again; checking here refuses a bad file before connecting.
+    spec.validate_fields().map_err(in_file)?;
     let wire = sweep_spec_to_proto(&spec).map_err(in_file)?;
     let remote = Remote::connect(&args.remote).await?;
     let request = v1::CreateSweepRequest { spec: Some(wire) };

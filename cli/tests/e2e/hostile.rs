@@ -186,7 +186,7 @@ fn spec() -> v1::SweepSpec {
             stage_strides: vec![],
             in_channels: Some(1),
         }),
-        recipe_json: r#"{"epochs": 1}"#.into(),
+        recipe_json: r#"{"epochs": 1, "warmup_epochs": 0}"#.into(),
         dataset: "idx:data".into(),
         seeds: vec![0],
         downstream: vec![],
@@ -268,7 +268,7 @@ async fn absurd_sweeps_are_refused_naming_the_grid(cluster: &Cluster) {
     let toml = format!(
         "name = \"absurd\"\ndataset = \"idx:data\"\nseeds = [0]\n[grid]\nblock = [\"basic\"]\n\
          rho = [{}]\nbudget = [{}]\nresolution = 8\nnum_classes = 4\nin_channels = 1\n\
-         [recipe]\nepochs = 1\n",
+         [recipe]\nepochs = 1\nwarmup_epochs = 0\n",
         rho.join(", "),
         budgets.join(", ")
     );

@@ -302,6 +302,12 @@ impl Store {
         downstream::leased_trial(&mut self.reader(), attempt, token, micros(now)).await
     }
 
+    /// Returns the recipe (JSON) of the trial that `attempt` trains, or `None` for an unknown
+    /// attempt: reports are checked against it before they are recorded.
+    pub async fn attempt_recipe(&self, attempt: AttemptId) -> Result<Option<String>, StoreError> {
+        reads::attempt_recipe(&mut self.reader(), attempt).await
+    }
+
     /// Returns every result of a sweep's trials, with its design's numbers, by design and
     /// seed (`deepmad results export`).
     pub async fn export_results(&self, sweep: SweepId) -> Result<Vec<ResultRecord>, StoreError> {

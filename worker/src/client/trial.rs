@@ -191,13 +191,12 @@ impl TrialRun<'_> {
         datasets: &mut HashMap<String, Arc<Dataset>>,
     ) -> Result<(TrialSpec, Arc<Dataset>), WorkerError> {
         let network = Network::from_json(&assignment.architecture_json)?;
-        let recipe: Recipe = serde_json::from_str(&assignment.recipe_json).map_err(|error| {
-            WorkerError::MalformedRecipe {
+        let recipe_json: serde_json::Value = serde_json::from_str(&assignment.recipe_json)
+            .map_err(|error| WorkerError::MalformedRecipe {
                 location: "in the lease".into(),
                 reason: error.to_string(),
-            }
-        })?;
-        recipe.validate()?;
+            })?;
+        let recipe = Recipe::from_json(&recipe_json)?;
         let spec: DatasetSpec = assignment.dataset.parse()?;
         // The same files load differently for designs of another side or channel count.
         let key = format!(

@@ -219,7 +219,7 @@ fn specs_parse_kind_and_path() {
     assert_eq!(parsed.kind, DatasetKind::Cifar100);
     assert_eq!(parsed.to_string(), "cifar100:/data/c100");
     for bad in ["cifar10", "imagenet:/x", "idx:"] {
-        let error = bad.parse::<DatasetSpec>().unwrap_err();
+        let error = WorkerError::from(bad.parse::<DatasetSpec>().unwrap_err());
         assert!(
             matches!(error, WorkerError::InvalidDatasetSpec { .. }),
             "{bad}: {error}"

@@ -380,6 +380,22 @@ pub(crate) async fn export_results(
     Ok(records.collect())
 }
 
+/// Returns the recipe (JSON) of the trial that `attempt` trains; `None` for an unknown attempt.
+pub(crate) async fn attempt_recipe(
+    db: &mut Db<'_>,
+    attempt: AttemptId,
+) -> Result<Option<String>, StoreError> {
+    // PostgreSQL keeps the recipe as `json`, SQLite as TEXT; both cast it to text.
+    let row: Option<(String,)> = db
+        .fetch_optional(
+            "SELECT CAST(t.recipe_json AS TEXT) FROM attempts a \
+                 JOIN trials t ON t.id = a.trial_id WHERE a.id = $1",
+            &[Arg::Id(attempt.0)],
+        )
+        .await?;
+    Ok(row.map(|(recipe,)| recipe))
+}
+
 /// Returns `NotFound` unless the sweep exists.
 pub(crate) async fn ensure_sweep(db: &mut Db<'_>, sweep: SweepId) -> Result<(), StoreError> {
     let (exists,): (bool,) = db
