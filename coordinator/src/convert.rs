@@ -138,16 +138,25 @@ impl From<FailureClass> for v1::FailureClass {
     }
 }
 
-/// Reads the failure class a worker reports: deterministic or retryable (lost is the
-/// coordinator's own verdict on an expired lease).
-pub fn reported_failure_class(value: i32, field: &str) -> Result<FailureClass, Error> {
+/// What a worker's fail report says: a failure of a class, or a graceful hand-back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reported {
+    Failure(FailureClass),
+    HandBack,
+}
+
+/// Reads what a worker reports: a deterministic or retryable failure, or a hand-back (lost
+/// is the coordinator's own verdict on an expired lease).
+pub fn reported_failure_class(value: i32, field: &str) -> Result<Reported, Error> {
     match v1::FailureClass::try_from(value) {
-        Ok(v1::FailureClass::Deterministic) => Ok(FailureClass::Deterministic),
-        Ok(v1::FailureClass::Retryable) => Ok(FailureClass::Retryable),
+        Ok(v1::FailureClass::Deterministic) => Ok(Reported::Failure(FailureClass::Deterministic)),
+        Ok(v1::FailureClass::Retryable) => Ok(Reported::Failure(FailureClass::Retryable)),
+        Ok(v1::FailureClass::HandedBack) => Ok(Reported::HandBack),
         Ok(v1::FailureClass::Lost) => Err(invalid(field, "LOST is set by the coordinator only")),
-        Ok(v1::FailureClass::Unspecified) => {
-            Err(invalid(field, "must be DETERMINISTIC or RETRYABLE"))
-        }
+        Ok(v1::FailureClass::Unspecified) => Err(invalid(
+            field,
+            "must be DETERMINISTIC, RETRYABLE or HANDED_BACK",
+        )),
         Err(_) => Err(invalid(field, format!("unknown failure class {value}"))),
     }
 }

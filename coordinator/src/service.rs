@@ -361,6 +361,25 @@ impl Coordinator {
         Ok(outcome)
     }
 
+    /// A worker that is shutting down hands its trial back: queued again at once, counted
+    /// against no limit ([`Store::hand_back`]).
+    pub async fn hand_back(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+        message: &str,
+    ) -> Result<FailOutcome, Error> {
+        self.after_outage().await?;
+        let outcome = self.watch_store(
+            self.store
+                .hand_back(attempt, token, message, self.clock.now())
+                .await,
+        )?;
+        info!(%attempt, message, ?outcome, "trial handed back");
+        self.refresh_queue_metrics().await;
+        Ok(outcome)
+    }
+
     /// Checks that `attempt` holds the lease of a training trial before its weights are
     /// uploaded.
     pub async fn authorize_upload(

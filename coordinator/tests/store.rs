@@ -61,6 +61,7 @@ conformance!(
     expired_leases_are_reaped_and_requeued_after_backoff,
     fenced_out_attempts_are_kept_late_and_not_counted,
     deterministic_failures_count_and_others_do_not,
+    hand_backs_requeue_at_once_and_never_end_a_trial,
     retry_trials_requeues_failed_and_dead_trials,
     cancelling_a_sweep_stops_its_attempts,
     a_sweep_is_found_by_its_spec_unless_cancelled,
@@ -714,6 +715,55 @@ async fn fail_once(
         )
         .await
         .unwrap()
+}
+
+/// Issue 24, item 8: rolling restarts that hit one trial must not make it `dead`. Eleven
+/// hand-backs (past the policy's 2 requeues) each queue the trial again at once, and it still
+/// trains to completion; the attempts are kept as retryable failures with the message.
+async fn hand_backs_requeue_at_once_and_never_end_a_trial(store: &Store) {
+    let a = design("a", "basic", 1_000);
+    store
+        .create_sweep(&sweep(&[(0.3, Some(&a))], &[1]), at(0.0))
+        .await
+        .unwrap();
+    let worker = worker(store, at(0.0)).await;
+    let mut now = 1.0;
+    for _ in 0..11 {
+        let lease = claim(store, worker, at(now)).await;
+        let outcome = store
+            .hand_back(lease.attempt, lease.token, "shutting down", at(now + 1.0))
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            FailOutcome::Requeued {
+                not_before: at(now + 1.0)
+            },
+            "queued again at once"
+        );
+        now += 1.0;
+    }
+    let lease = claim(store, worker, at(now)).await;
+    assert_eq!(
+        complete(store, &lease, 0.5, at(now + 1.0)).await,
+        CompleteOutcome::Recorded
+    );
+    let history = store.trial_history(lease.trial).await.unwrap();
+    assert_eq!(history.state, TrialState::Succeeded);
+    assert_eq!(history.attempts.len(), 12);
+    let handed_back = &history.attempts[0];
+    assert_eq!(handed_back.state, AttemptState::Failed);
+    assert_eq!(handed_back.failure_class, Some(FailureClass::Retryable));
+    assert_eq!(
+        handed_back.failure_message.as_deref(),
+        Some("shutting down")
+    );
+    // A stale lease cannot hand a trial back.
+    let outcome = store
+        .hand_back(lease.attempt, lease.token, "late", at(now + 2.0))
+        .await
+        .unwrap();
+    assert_eq!(outcome, FailOutcome::NotLeaseHolder);
 }
 
 async fn deterministic_failures_count_and_others_do_not(store: &Store) {

@@ -74,7 +74,12 @@ fn workers_report_only_their_own_failure_classes() {
     let deterministic = v1::FailureClass::Deterministic as i32;
     assert_eq!(
         reported_failure_class(deterministic, "failure_class").unwrap(),
-        FailureClass::Deterministic
+        Reported::Failure(FailureClass::Deterministic)
+    );
+    let hand_back = v1::FailureClass::HandedBack as i32;
+    assert_eq!(
+        reported_failure_class(hand_back, "failure_class").unwrap(),
+        Reported::HandBack
     );
     for bad in [0, v1::FailureClass::Lost as i32, 42] {
         assert_eq!(

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{
     epochs_from_proto, final_metrics_from_proto, parse_id, progress_from_proto,
-    reported_failure_class, worker_from_proto,
+    reported_failure_class, worker_from_proto, Reported,
 };
 use crate::error::Error;
 use crate::model::{AttemptId, LeaseToken, WorkerId};
@@ -179,12 +179,17 @@ impl v1::work_service_server::WorkService for WorkHandler {
     ) -> Result<Response<v1::FailResponse>, Status> {
         let wire = request.get_ref();
         let (attempt, token) = lease_ids(&wire.attempt_id, &wire.lease_token)?;
-        let class = reported_failure_class(wire.failure_class, "failure_class")?;
         let message: String = wire.message.chars().take(MAX_FAILURE_MESSAGE).collect();
-        let outcome = self
-            .coordinator
-            .fail(attempt, token, class, &message)
-            .await?;
+        let outcome = match reported_failure_class(wire.failure_class, "failure_class")? {
+            Reported::Failure(class) => {
+                let coordinator = &self.coordinator;
+                coordinator.fail(attempt, token, class, &message).await?
+            }
+            Reported::HandBack => {
+                let coordinator = &self.coordinator;
+                coordinator.hand_back(attempt, token, &message).await?
+            }
+        };
         Ok(Response::new(v1::FailResponse::from(&outcome)))
     }
 }

@@ -237,6 +237,21 @@ impl Store {
         lease::fail(self, attempt, token, &report, micros(now)).await
     }
 
+    /// Ends a leased attempt whose worker is shutting down and hands its trial back: the
+    /// attempt is stored as a retryable failure with `message`, and the trial is queued again
+    /// at once, counting against neither `max_attempts` nor `max_requeues` and with no
+    /// backoff. An attempt that no longer holds the lease changes nothing
+    /// (`FailOutcome::NotLeaseHolder`).
+    pub async fn hand_back(
+        &self,
+        attempt: AttemptId,
+        token: LeaseToken,
+        message: &str,
+        now: DateTime<Utc>,
+    ) -> Result<FailOutcome, StoreError> {
+        lease::hand_back(self, attempt, token, message, micros(now)).await
+    }
+
     /// Expires running attempts whose lease ended before `now` and requeues their trials
     /// with backoff (a lost worker does not count against `max_attempts`). Safe to run from
     /// several coordinators at once. Also marks active sweeps with no open trial

@@ -95,6 +95,16 @@ pub(crate) fn after_failure(
     (next, verdict)
 }
 
+/// What a graceful hand-back does to a trial with `counters`: the trial is queued again at
+/// once and no counter moves, so rolling restarts and preemptions never make a trial `dead`
+/// (issue 24). A lease that simply expires is still a lost worker ([`after_failure`]).
+pub(crate) fn after_hand_back(
+    counters: RetryCounters,
+    now: DateTime<Utc>,
+) -> (RetryCounters, Verdict) {
+    (counters, Verdict::Requeue { not_before: now })
+}
+
 /// Returns the state a sweep shows: a stored `active` sweep with no queued or running trial
 /// left is `completed` (the reaper persists that; readers need not wait for it).
 pub(crate) fn shown_sweep_state(stored: SweepState, counts: &TrialCounts) -> SweepState {
@@ -219,6 +229,18 @@ mod tests {
             t0(),
         );
         assert_eq!(verdict, Verdict::Stop(TrialState::Failed));
+    }
+
+    #[test]
+    fn a_hand_back_requeues_at_once_and_counts_nothing() {
+        let counters = RetryCounters {
+            counted_failures: 1,
+            requeues: POLICY.max_requeues,
+            max_attempts: 2,
+        };
+        let (next, verdict) = after_hand_back(counters, t0());
+        assert_eq!(next, counters);
+        assert_eq!(verdict, Verdict::Requeue { not_before: t0() });
     }
 
     #[test]

@@ -276,8 +276,10 @@ impl TrialRun<'_> {
             StopCause::Cancelled => info!(%attempt, "sweep cancelled; training stopped"),
             StopCause::None => {
                 info!(%attempt, ?reason, "worker shutting down; trial handed back");
+                // A hand-back is not a failure: the coordinator queues the trial again at
+                // once and counts it against no limit.
                 let message = "the worker shut down; the checkpoint is kept on that worker";
-                self.send_fail(attempt, token, v1::FailureClass::Retryable, message)
+                self.send_fail(attempt, token, v1::FailureClass::HandedBack, message)
                     .await;
             }
         }

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 
 use crate::model::{AttemptId, AttemptState, FailureClass, LeaseToken, TrialId, TrialState};
 use crate::store::assemble::attempt_state;
-use crate::store::rules::{after_failure, after_ms, RetryCounters, Verdict};
+use crate::store::rules::{after_failure, after_hand_back, after_ms, RetryCounters, Verdict};
 use crate::store::sql::{Arg, Db, Dialect, Id, Time, Tx};
 use crate::store::types::{
     EpochMetrics, FailOutcome, HeartbeatOutcome, NewWorker, Progress, RetryPolicy,
@@ -130,6 +130,59 @@ pub(crate) async fn fail(
     report: &FailureReport<'_>,
     now: DateTime<Utc>,
 ) -> Result<FailOutcome, StoreError> {
+    let decide = |counters| {
+        let policy = report.policy;
+        after_failure(
+            report.class,
+            counters,
+            report.max_attempts_override,
+            policy,
+            now,
+        )
+    };
+    end_attempt(
+        store,
+        attempt,
+        token,
+        (report.class, report.message),
+        decide,
+        now,
+    )
+    .await
+}
+
+/// A graceful hand-back: the attempt ends as a retryable failure with `message`, and the
+/// trial is queued again at once without counting ([`after_hand_back`]).
+pub(crate) async fn hand_back(
+    store: &Store,
+    attempt: AttemptId,
+    token: LeaseToken,
+    message: &str,
+    now: DateTime<Utc>,
+) -> Result<FailOutcome, StoreError> {
+    let decide = |counters| after_hand_back(counters, now);
+    end_attempt(
+        store,
+        attempt,
+        token,
+        (FailureClass::Retryable, message),
+        decide,
+        now,
+    )
+    .await
+}
+
+/// Ends a leased attempt as failed with `(class, message)` and applies what `decide` makes
+/// of the trial's counters, in one transaction; an attempt that no longer holds its lease
+/// changes nothing.
+async fn end_attempt(
+    store: &Store,
+    attempt: AttemptId,
+    token: LeaseToken,
+    (class, message): (FailureClass, &str),
+    decide: impl FnOnce(RetryCounters) -> (RetryCounters, Verdict),
+    now: DateTime<Utc>,
+) -> Result<FailOutcome, StoreError> {
     let mut tx = store.begin().await?;
     let mut db = tx.db();
     let (trial, view) = lock_attempt(&mut db, attempt).await?;
@@ -144,19 +197,13 @@ pub(crate) async fn fail(
         &[
             Arg::Id(attempt.0),
             Arg::Text(AttemptState::Failed.as_str()),
-            Arg::Text(report.class.as_str()),
-            Arg::Text(report.message),
+            Arg::Text(class.as_str()),
+            Arg::Text(message),
             Arg::Time(now),
         ],
     )
     .await?;
-    let (counters, verdict) = after_failure(
-        report.class,
-        trial.counters,
-        report.max_attempts_override,
-        report.policy,
-        now,
-    );
+    let (counters, verdict) = decide(trial.counters);
     apply_verdict(&mut db, trial.id, counters, verdict, now).await?;
     tx.commit().await?;
     Ok(match verdict {
