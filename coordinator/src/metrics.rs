@@ -87,6 +87,18 @@ pub struct Metrics {
     completions: [AtomicU64; 3],
     queue: Mutex<TrialCounts>,
     trial_durations: Mutex<Histogram>,
+    watch_streams: Arc<AtomicU64>,
+}
+
+/// One open `WatchSweep` stream's share of the `deepmad_watch_streams` gauge, given back when
+/// its poller ends.
+#[derive(Debug)]
+pub struct WatchStream(Arc<AtomicU64>);
+
+impl Drop for WatchStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -136,6 +148,17 @@ impl Metrics {
         histogram.buckets[bucket] += 1;
         histogram.sum += seconds;
         histogram.count += 1;
+    }
+
+    /// Counts a `WatchSweep` poller until the returned value is dropped.
+    pub fn watch_started(&self) -> WatchStream {
+        self.watch_streams.fetch_add(1, Ordering::Relaxed);
+        WatchStream(self.watch_streams.clone())
+    }
+
+    /// Returns how many `WatchSweep` pollers are running.
+    pub fn watch_streams(&self) -> u64 {
+        self.watch_streams.load(Ordering::Relaxed)
     }
 
     /// Sets the trial counts by state (the queue-depth gauges).
@@ -195,6 +218,14 @@ impl Metrics {
             .expect("writing to a String");
         }
         self.render_durations(&mut out);
+        header_lines(
+            &mut out,
+            "deepmad_watch_streams",
+            "WatchSweep streams whose poller runs.",
+            "gauge",
+        );
+        writeln!(out, "deepmad_watch_streams {}", self.watch_streams())
+            .expect("writing to a String");
         out
     }
 

@@ -1168,3 +1168,43 @@ async fn out_of_range_reports_are_refused_and_store_nothing() {
     let history = running.coordinator.trial_history(trial).await.unwrap();
     assert_eq!(history.result.map(|result| result.top1), Some(0.9));
 }
+
+/// Issue 24, item 3: a WatchSweep stream that the client drops ends its poller at once; before,
+/// it polled the database until the sweep finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_watch_stream_stops_polling() {
+    let running = start(vec![]).await;
+    let mut sweeps = SweepServiceClient::new(channel(running.address).await);
+    let created = sweeps
+        .create_sweep(v1::CreateSweepRequest {
+            spec: Some(spec(vec![0.3])),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let metrics = running.coordinator.metrics.clone();
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut stream = sweeps
+            .watch_sweep(v1::WatchSweepRequest {
+                sweep_id: created.sweep_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // The sweep's trial stays queued (no worker), so the pollers would run on.
+        assert!(stream.message().await.unwrap().is_some());
+        streams.push(stream);
+    }
+    assert_eq!(metrics.watch_streams(), 3);
+    drop(streams);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metrics.watch_streams() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} pollers still running after their clients left",
+            metrics.watch_streams()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -105,6 +105,7 @@ impl v1::sweep_service_server::SweepService for SweepHandler {
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
         let coordinator = self.coordinator.clone();
         tokio::spawn(async move {
+            let _counted = coordinator.metrics.watch_started();
             let mut last = None;
             let mut summary = first;
             loop {
@@ -123,8 +124,11 @@ impl v1::sweep_service_server::SweepService for SweepHandler {
                     return;
                 }
                 last = Some(summary);
+                // A client that went away ends the poller now, not at the next change it would
+                // have sent (issue 24: cancelled streams kept polling until the sweep ended).
                 tokio::select! {
                     _ = coordinator.shutdown.cancelled() => return,
+                    _ = sender.closed() => return,
                     _ = tokio::time::sleep(WATCH_INTERVAL) => {}
                 }
                 summary = match coordinator.get_sweep(id).await {
