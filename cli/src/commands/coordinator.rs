@@ -85,9 +85,24 @@ pub async fn run(
         .map_err(internal)
 }
 
-/// Hides a password in a database URL.
+/// Hides the credentials in a database URL: the password of its user part, and the value of
+/// every query parameter whose name holds `password`, `secret` or `token` (libpq and sqlx
+/// read `?password=` and `?sslpassword=` too).
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut redacted = redact_user_password(base);
+    if let Some(query) = query {
+        let pairs: Vec<String> = query.split('&').map(redact_parameter).collect();
+        redacted = format!("{redacted}?{}", pairs.join("&"));
+    }
+    redacted
+}
+
+fn redact_user_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let credentials = &url[scheme + 3..at];
             match credentials.split_once(':') {
@@ -96,5 +111,46 @@ fn redact(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    }
+}
+
+fn redact_parameter(pair: &str) -> String {
+    let Some((name, _)) = pair.split_once('=') else {
+        return pair.to_string();
+    };
+    let lower = name.to_ascii_lowercase();
+    if ["password", "secret", "token"]
+        .iter()
+        .any(|word| lower.contains(word))
+    {
+        format!("{name}=***")
+    } else {
+        pair.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    /// Issue 24, item 10: `--check-config` printed `?password=...` from a database URL.
+    #[test]
+    fn credentials_are_hidden_wherever_the_url_carries_them() {
+        let cases = [
+            ("postgres://u:pw@db:5432/d", "postgres://u:***@db:5432/d"),
+            (
+                "postgres://u@db/d?password=pw",
+                "postgres://u@db/d?password=***",
+            ),
+            (
+                "postgres://db/d?sslmode=require&sslpassword=k&user=u",
+                "postgres://db/d?sslmode=require&sslpassword=***&user=u",
+            ),
+            ("postgres://u:p@ss@db/d", "postgres://u:***@db/d"),
+            ("sqlite://deepmad.db", "sqlite://deepmad.db"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact(url), shown, "{url}");
+        }
     }
 }
