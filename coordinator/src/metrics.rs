@@ -88,6 +88,7 @@ pub struct Metrics {
     queue: Mutex<TrialCounts>,
     trial_durations: Mutex<Histogram>,
     watch_streams: Arc<AtomicU64>,
+    grid_points_solved: AtomicU64,
 }
 
 /// One open `WatchSweep` stream's share of the `deepmad_watch_streams` gauge, given back when
@@ -150,6 +151,16 @@ impl Metrics {
         histogram.count += 1;
     }
 
+    /// Counts one grid point solved for a sweep being created.
+    pub fn grid_point_solved(&self) {
+        self.grid_points_solved.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Returns how many grid points have been solved.
+    pub fn grid_points_solved(&self) -> u64 {
+        self.grid_points_solved.load(Ordering::Relaxed)
+    }
+
     /// Counts a `WatchSweep` poller until the returned value is dropped.
     pub fn watch_started(&self) -> WatchStream {
         self.watch_streams.fetch_add(1, Ordering::Relaxed);
@@ -181,6 +192,12 @@ impl Metrics {
             "deepmad_heartbeats_total",
             "Heartbeats received.",
             &self.heartbeats,
+        );
+        counter(
+            &mut out,
+            "deepmad_grid_points_solved_total",
+            "Grid points solved for sweeps being created.",
+            &self.grid_points_solved,
         );
         counter(
             &mut out,

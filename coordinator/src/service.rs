@@ -98,6 +98,19 @@ pub struct Coordinator {
     /// Set when a lease-protocol call found the store unavailable; cleared by the grace that
     /// the first call after the outage grants (see [`Coordinator::after_outage`]).
     store_was_down: AtomicBool,
+    /// Turns at solving a sweep's grid: one at a time.
+    solving: tokio::sync::Semaphore,
+}
+
+/// Tells a solve to stop when dropped: the future of a request whose client went away is
+/// dropped by tonic, and this with it, before the solve returns.
+#[derive(Debug, Default)]
+struct Abandon(Arc<AtomicBool>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Coordinator {
@@ -116,6 +129,7 @@ impl Coordinator {
             clock: Clock::new(),
             shutdown,
             store_was_down: AtomicBool::new(false),
+            solving: tokio::sync::Semaphore::new(1),
         }
     }
 
@@ -176,9 +190,23 @@ impl Coordinator {
     ) -> Result<(SweepId, SweepCreated, Vec<NewGridPoint>), Error> {
         let problems = spec.problems(self.config.max_grid_points)?;
         let threads = self.config.solver_threads;
-        let solved = tokio::task::spawn_blocking(move || solve_all(problems, threads))
+        // One sweep solves at a time (each already uses `solver_threads` cores); others wait
+        // their turn, and a request whose client leaves while it waits or solves is dropped,
+        // which stops its solver ([`Abandon`]).
+        let _turn = self
+            .solving
+            .acquire()
             .await
-            .map_err(|error| Error::Internal(format!("solver task failed: {error}")))?;
+            .map_err(|_| Error::Unavailable("the coordinator is shutting down".into()))?;
+        let abandon = Abandon::default();
+        let flag = abandon.0.clone();
+        let metrics = self.metrics.clone();
+        let solve = move || solve_all(problems, threads, &flag, &|| metrics.grid_point_solved());
+        let solved = tokio::task::spawn_blocking(solve)
+            .await
+            .map_err(|error| Error::Internal(format!("solver task failed: {error}")))?
+            .ok_or_else(|| Error::Internal("the solve was abandoned".into()))?;
+        drop(abandon);
         let id = SweepId::new();
         let sweep = assemble(id, &spec, created_by, &solved, self.config.max_attempts)?;
         let infeasible = sweep

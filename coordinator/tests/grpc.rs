@@ -1208,3 +1208,37 @@ async fn a_dropped_watch_stream_stops_polling() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Issue 24, item 2: a CreateSweep whose client gives up stops solving (a 200-point
+/// ImageNet-size sweep kept both cores busy for 25 s after its client left) and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_create_sweep_stops_solving() {
+    let running = start(vec![]).await;
+    let mut sweeps = SweepServiceClient::new(channel(running.address).await);
+    let mut large = spec((0..200).map(|i| 0.1 + 0.01 * f64::from(i)).collect());
+    let grid = large.grid.as_mut().unwrap();
+    grid.budgets = vec![v1::Budget {
+        params: Some(11_700_000),
+        flops: Some(1_800_000_000),
+    }];
+    (grid.resolution, grid.num_classes, grid.in_channels) = (Some(224), Some(1000), Some(3));
+    let request = sweeps.create_sweep(v1::CreateSweepRequest { spec: Some(large) });
+    let gave_up = tokio::time::timeout(Duration::from_millis(1500), request).await;
+    assert!(
+        gave_up.is_err(),
+        "200 ImageNet-size points take longer than 1.5 s"
+    );
+    let metrics = running.coordinator.metrics.clone();
+    // Solves that had started finish (each well under a second); then nothing more runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let solved = metrics.grid_points_solved();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(metrics.grid_points_solved(), solved, "still solving");
+    assert!(solved < 200, "stopped early: {solved} of 200 solved");
+    let listed = sweeps
+        .list_sweeps(v1::ListSweepsRequest { limit: 10 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.sweeps.is_empty(), "nothing stored");
+}
