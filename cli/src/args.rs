@@ -144,7 +144,7 @@ pub struct WorkerArgs {
     /// A name for logs and the coordinator's worker list (default: the host and device).
     #[arg(long, env = "DEEPMAD_WORKER_NAME")]
     pub name: Option<String>,
-    /// Where checkpoints and undelivered results are kept [default: .deepmad-worker].
+    /// Where checkpoints and undelivered results are kept [default: .deepmad-worker/<name>].
     #[arg(long, env = "DEEPMAD_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
     /// Stops after this many trials.

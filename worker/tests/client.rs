@@ -1,5 +1,6 @@
 //! The worker loop against a real coordinator on 127.0.0.1:0 (SQLite store in a temp dir):
-//! lease, heartbeat, complete; cancellation stops training; shutdown hands the trial back.
+//! lease, heartbeat, complete; cancellation stops training; shutdown hands the trial back; a
+//! coordinator that forgot the worker (restored database) is registered with again.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use deepmad_worker::client::{self, ClientConfig};
 use deepmad_worker::data::idx;
 use deepmad_worker::DeviceSpec;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Writes a tiny MNIST-style dataset: 8x8 images whose class is the bright row.
@@ -25,6 +27,8 @@ struct Setup {
     address: String,
     coordinator: Arc<Coordinator>,
     shutdown: CancellationToken,
+    /// Ends once the coordinator stopped serving and let go of its port.
+    serving: Option<JoinHandle<()>>,
     dir: tempfile::TempDir,
 }
 
@@ -36,6 +40,16 @@ impl Drop for Setup {
 
 /// Serves a coordinator on the SQLite file in `dir` (made on first use) at 127.0.0.1:0.
 async fn serve(dir: &Path) -> (String, Arc<Coordinator>, CancellationToken) {
+    let (address, coordinator, shutdown, _) = serve_at(dir, "127.0.0.1:0").await;
+    (address, coordinator, shutdown)
+}
+
+/// Serves a coordinator on the SQLite file in `dir` (made on first use) at `listen`; the
+/// handle ends once it has stopped serving.
+async fn serve_at(
+    dir: &Path,
+    listen: &str,
+) -> (String, Arc<Coordinator>, CancellationToken, JoinHandle<()>) {
     let env = [
         ("DEEPMAD__LEASE__LEASE_MS", "2000"),
         ("DEEPMAD__LEASE__HEARTBEAT_INTERVAL_MS", "100"),
@@ -44,7 +58,7 @@ async fn serve(dir: &Path) -> (String, Arc<Coordinator>, CancellationToken) {
         ("DEEPMAD__RETRY__BACKOFF_MAX_MS", "20"),
     ];
     let overrides = Overrides {
-        listen: Some("127.0.0.1:0".into()),
+        listen: Some(listen.into()),
         database_url: Some(format!("sqlite://{}", dir.join("deepmad.db").display())),
     };
     let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
@@ -55,34 +69,40 @@ async fn serve(dir: &Path) -> (String, Arc<Coordinator>, CancellationToken) {
     let coordinator = app::open(&settings, shutdown.clone()).await.unwrap();
     let serving = coordinator.clone();
     let token = shutdown.clone();
-    tokio::spawn(async move {
+    let served = tokio::spawn(async move {
         app::run(&settings, serving, listener, None, token)
             .await
             .unwrap()
     });
-    (address, coordinator, shutdown)
+    (address, coordinator, shutdown, served)
 }
 
 async fn setup(epochs: u32, seeds: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     write_dataset(&dir.path().join("data"));
-    let (address, coordinator, shutdown) = serve(dir.path()).await;
+    let (address, coordinator, shutdown, serving) = serve_at(dir.path(), "127.0.0.1:0").await;
+    create_sweep(&coordinator, &dir.path().join("data"), epochs, seeds).await;
+    Setup {
+        address,
+        coordinator,
+        shutdown,
+        serving: Some(serving),
+        dir,
+    }
+}
+
+/// Creates a sweep of one design on the dataset in `data`, one trial per seed.
+async fn create_sweep(coordinator: &Coordinator, data: &Path, epochs: u32, seeds: &str) {
     let spec = format!(
         "name = \"client test\"\ndataset = \"idx:{}\"\nseeds = {seeds}\n\
          [grid]\nblock = [\"basic\"]\nrho = [0.5]\nbudget = [{{ params = \"10K\" }}]\nresolution = 8\nnum_classes = 4\nin_channels = 1\n\
          [recipe]\nepochs = {epochs}\nwarmup_epochs = 0\nbatch_size = 32\neval_batch_size = 64\nlr = 0.05\nmixup_alpha = 0.0\nrandom_erase_prob = 0.0\nhflip_prob = 0.0\ncrop_padding = 0\n",
-        dir.path().join("data").display()
+        data.display()
     );
     coordinator
         .create_sweep(SweepSpec::from_toml(&spec).unwrap(), "test")
         .await
         .unwrap();
-    Setup {
-        address,
-        coordinator,
-        shutdown,
-        dir,
-    }
 }
 
 fn config(setup: &Setup, max_trials: Option<u32>) -> ClientConfig {
@@ -129,6 +149,80 @@ async fn a_worker_trains_every_trial_and_reports_it() {
     assert!(board[0].top1_mean > 0.5, "top-1 {}", board[0].top1_mean);
     let sweep = &setup.coordinator.list_sweeps(1).await.unwrap()[0];
     assert_eq!(sweep.counts.succeeded, 2);
+}
+
+async fn wait_until_succeeded(coordinator: &Coordinator, trials: u32) {
+    for _ in 0..1200 {
+        let sweeps = coordinator.list_sweeps(10).await.unwrap();
+        if sweeps[0].counts.succeeded >= trials {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("fewer than {trials} trials succeeded");
+}
+
+/// Issue 24, item 4: a coordinator restored from a backup taken before a worker registered
+/// answers its every lease with "worker not found"; the worker used to retry that forever and
+/// train nothing. Here the coordinator comes back on the same port with a fresh database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_registers_again_with_a_coordinator_that_forgot_it() {
+    let mut setup = setup(2, "[0]").await;
+    let worker = tokio::spawn(client::run(
+        config(&setup, Some(2)),
+        CancellationToken::new(),
+    ));
+    // A finished trial proves the worker registered with the first database.
+    wait_until_succeeded(&setup.coordinator, 1).await;
+    setup.shutdown.cancel();
+    setup.serving.take().expect("serving").await.unwrap();
+
+    let restored = tempfile::tempdir().unwrap();
+    let listen = setup.address.trim_start_matches("http://");
+    let (_, coordinator, shutdown, _) = serve_at(restored.path(), listen).await;
+    create_sweep(&coordinator, &setup.dir.path().join("data"), 2, "[0]").await;
+    let summary = tokio::time::timeout(Duration::from_secs(60), worker)
+        .await
+        .expect("the worker trains on the restored coordinator")
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.trials_completed, 2, "{summary:?}");
+    let sweep = &coordinator.list_sweeps(1).await.unwrap()[0];
+    assert_eq!(sweep.counts.succeeded, 1, "{:?}", sweep.counts);
+    shutdown.cancel();
+}
+
+/// Issue 24, item 4, mid-trial: the restored coordinator knows neither the worker nor the
+/// attempt it is training. The trial stops at the next heartbeat (its result could never be
+/// accepted), the worker registers again and trains the restored coordinator's work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trial_whose_attempt_the_coordinator_forgot_stops_and_the_worker_carries_on() {
+    let mut setup = setup(400, "[0]").await;
+    let worker = tokio::spawn(client::run(
+        config(&setup, Some(2)),
+        CancellationToken::new(),
+    ));
+    wait_until_running(&setup.coordinator).await;
+    setup.shutdown.cancel();
+    setup.serving.take().expect("serving").await.unwrap();
+
+    let restored = tempfile::tempdir().unwrap();
+    let listen = setup.address.trim_start_matches("http://");
+    let (_, coordinator, shutdown, _) = serve_at(restored.path(), listen).await;
+    create_sweep(&coordinator, &setup.dir.path().join("data"), 2, "[0]").await;
+    let summary = tokio::time::timeout(Duration::from_secs(60), worker)
+        .await
+        .expect("the worker trains on the restored coordinator")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (summary.trials_stopped, summary.trials_completed),
+        (1, 1),
+        "{summary:?}"
+    );
+    let sweep = &coordinator.list_sweeps(1).await.unwrap()[0];
+    assert_eq!(sweep.counts.succeeded, 1, "{:?}", sweep.counts);
+    shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -112,6 +112,15 @@ async fn heartbeat_loop(
                     return;
                 }
             }
+            // The coordinator does not know this attempt (its database was restored from a
+            // backup taken before the lease): no heartbeat or result of it can ever be
+            // accepted, so training stops as if the lease were lost, keeping its checkpoint.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                warn!(%attempt, %status, "coordinator does not know this attempt; training stops");
+                *cause.lock().expect("no panics while holding the lock") = StopCause::LeaseLost;
+                flag.cancel();
+                return;
+            }
             Err(status) => warn!(%status, "heartbeat failed; the lease runs on until it expires"),
         }
     }

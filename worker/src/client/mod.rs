@@ -7,8 +7,12 @@
 //! * A finished result is never dropped: its report is retried with backoff while the
 //!   coordinator is unreachable, and written to `work_dir/pending/` if the worker must exit
 //!   first; the next start reports pending results before leasing.
+//! * A coordinator that does not know this worker (restored from a backup taken before it
+//!   registered) is registered with again, under the same worker id, and the loop carries on;
+//!   a trial whose attempt it does not know stops (checkpoint kept) and its result, if one was
+//!   finished, is kept in `pending/`.
 //! * Shutdown drains in order: stop leasing, stop the trial at the next batch (checkpoint),
-//!   report it as retryable so the trial is requeued at once, exit.
+//!   hand it back (`HANDED_BACK`) so the trial is requeued at once, uncounted, exit.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -110,10 +114,7 @@ pub async fn run(
     let device = config.device.open()?;
     let mut client = connect(&config, &shutdown).await?;
     let worker_id = uuid::Uuid::new_v4().to_string();
-    let registered = register(&mut client, &config, &worker_id, &shutdown).await?;
-    info!(%worker_id, coordinator = %config.coordinator, "worker registered");
-    deliver_pending(&mut client, &config, &shutdown).await;
-    let heartbeat_every = Duration::from_millis(registered.heartbeat_interval_ms.max(50));
+    let mut heartbeat_every = join(&mut client, &config, &worker_id, &shutdown).await?;
     let mut datasets: HashMap<String, Arc<Dataset>> = HashMap::new();
     let mut summary = ClientSummary::default();
     let mut backoff = config.backoff_min;
@@ -129,6 +130,23 @@ pub async fn run(
             Ok(response) => {
                 backoff = config.backoff_min;
                 response.into_inner()
+            }
+            // The coordinator's database does not know this worker: it was restored from a
+            // backup, or replaced. Registering again is all it takes; the id is kept, since
+            // registration is keyed by it (an upsert) and one id keeps one worker's story
+            // together in both sides' logs and in the attempts the database still has.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                warn!(%worker_id, %status, "coordinator does not know this worker; registering again");
+                match join(&mut client, &config, &worker_id, &shutdown).await {
+                    Ok(every) => heartbeat_every = every,
+                    Err(_) if shutdown.is_cancelled() => break,
+                    Err(error) => return Err(error),
+                }
+                // Backed off like any failed lease, so that a coordinator which keeps
+                // forgetting the worker is not asked in a tight loop.
+                sleep_or_shutdown(backoff, &shutdown).await;
+                backoff = (backoff * 2).min(config.backoff_max);
+                continue;
             }
             Err(status) => {
                 warn!(%status, "lease failed; retrying");
@@ -201,6 +219,22 @@ async fn connect(
         sleep_or_shutdown(backoff, shutdown).await;
         backoff = (backoff * 2).min(config.backoff_max);
     }
+}
+
+/// Registers `worker_id` and reports results kept from earlier runs; returns the heartbeat
+/// interval the coordinator asks for.
+async fn join(
+    client: &mut Client,
+    config: &ClientConfig,
+    worker_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<Duration, WorkerError> {
+    let registered = register(client, config, worker_id, shutdown).await?;
+    info!(%worker_id, coordinator = %config.coordinator, "worker registered");
+    deliver_pending(client, config, shutdown).await;
+    Ok(Duration::from_millis(
+        registered.heartbeat_interval_ms.max(50),
+    ))
 }
 
 async fn register(

@@ -1,5 +1,6 @@
 //! The outbox: completions the coordinator has not acknowledged, kept in `work_dir/pending/`
-//! (temp file, then rename) and reported at the next start before leasing.
+//! (temp file, then rename) and reported at the next registration (the next start, or a
+//! coordinator that forgot the worker) before leasing.
 
 use std::path::{Path, PathBuf};
 
@@ -54,7 +55,8 @@ pub(super) fn keep_pending(work_dir: &Path, request: &v1::CompleteRequest) {
     }
 }
 
-/// Reports results kept by an earlier run; each file is removed once acknowledged.
+/// Reports results kept on disk (by an earlier run, or for an attempt a coordinator did not
+/// know); called at every registration, and each file is removed once acknowledged.
 pub(super) async fn deliver_pending(
     client: &mut Client,
     config: &ClientConfig,

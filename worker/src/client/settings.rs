@@ -26,7 +26,8 @@ use crate::device::DeviceSpec;
 
 /// The coordinator a worker talks to when none is configured.
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
-/// Where checkpoints and undelivered reports go when no work directory is configured.
+/// The folder that holds each worker's own work directory (`<this>/<name>`) when no work
+/// directory is configured.
 pub const DEFAULT_WORK_DIR: &str = ".deepmad-worker";
 
 /// One layer of worker settings; unset fields fall through to the layer below.
@@ -152,9 +153,7 @@ impl WorkerSettings {
             Some(name) => name,
             None => format!("{host}/{device}"),
         };
-        let work_dir = self
-            .work_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR));
+        let work_dir = self.work_dir.unwrap_or_else(|| default_work_dir(&name));
         if work_dir.as_os_str().is_empty() {
             return Err(invalid("work_dir", "must not be empty"));
         }
@@ -196,6 +195,26 @@ impl WorkerSettings {
     }
 }
 
+/// Returns `.deepmad-worker/<name>`, the name's characters other than letters, digits, `-`,
+/// `_` and `.` made `_`: two workers started in one folder (one per GPU) must not share
+/// checkpoints or undelivered results, and their names differ by default (host and device).
+fn default_work_dir(name: &str) -> PathBuf {
+    let folder: String = name
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' | '.' => c,
+            _ => '_',
+        })
+        .collect();
+    // `.` and `..` alone would name the parent folders, not a folder of their own.
+    let folder = if folder.chars().all(|c| c == '.') {
+        folder.replace('.', "_")
+    } else {
+        folder
+    };
+    Path::new(DEFAULT_WORK_DIR).join(folder)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +235,24 @@ mod tests {
         assert_eq!(resolved.client.backoff_min, Duration::from_millis(500));
         assert_eq!(resolved.client.backoff_max, Duration::from_secs(30));
         assert_eq!(resolved.client.max_trials, None);
+        assert_eq!(
+            resolved.client.work_dir,
+            Path::new(DEFAULT_WORK_DIR).join("host_cpu")
+        );
+    }
+
+    #[test]
+    fn workers_started_in_one_folder_get_work_dirs_of_their_own() {
+        let on = |device: &str| {
+            let settings = WorkerSettings {
+                device: Some(device.into()),
+                ..WorkerSettings::default()
+            };
+            settings.resolve("node3").unwrap().client.work_dir
+        };
+        assert_eq!(on("cuda:0"), Path::new(".deepmad-worker/node3_cuda_0"));
+        assert_ne!(on("cuda:0"), on("cuda:1"));
+        assert_eq!(default_work_dir(".."), Path::new(".deepmad-worker/__"));
     }
 
     #[test]

@@ -130,6 +130,14 @@ impl TrialRun<'_> {
         let (cause, epochs) = heartbeat.stop();
         match outcome {
             Ok(TrainOutcome::Completed(result)) => {
+                // The protocol has no field for it, so the worker's log is where it shows.
+                if result.corrupt_checkpoints > 0 {
+                    warn!(
+                        %attempt,
+                        corrupt_checkpoints = result.corrupt_checkpoints,
+                        "trial trained from scratch after setting a corrupt checkpoint aside"
+                    );
+                }
                 if assignment.upload_weights {
                     self.upload_weights(&attempt, &token, &checkpoint).await;
                 }
@@ -286,7 +294,8 @@ impl TrialRun<'_> {
     }
 
     /// Reports a result until the coordinator acknowledges it; if the worker must exit first,
-    /// the report is written to `pending/` and delivered at the next start.
+    /// or the coordinator does not know the attempt, the report is written to `pending/` and
+    /// delivered at the next registration.
     async fn complete(
         &mut self,
         attempt: &str,
@@ -311,6 +320,14 @@ impl TrialRun<'_> {
                         || status.code() == tonic::Code::FailedPrecondition =>
                 {
                     warn!(%status, "result refused by the coordinator");
+                    return;
+                }
+                // The coordinator does not know this attempt (restored from an older backup):
+                // retrying cannot help, and the result must not be lost, so it waits in the
+                // outbox, reported again at the next registration.
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    warn!(%attempt, %status, "coordinator does not know this attempt; result kept");
+                    keep_pending(&self.config.work_dir, &request);
                     return;
                 }
                 Err(status) => warn!(%status, "result not delivered; retrying"),

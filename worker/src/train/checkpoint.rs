@@ -4,12 +4,15 @@
 //! Tensors are `model.<name>` and `momentum.<name>`. Metadata keys: `format`, `design_hash`,
 //! `recipe_hash`, `dataset_hash`, `seed` and `state` (JSON of [`TrainState`]). No generator
 //! state is stored: every random draw derives from (seed, epoch, batch) (see [`crate::rng`]).
-//! The file is written to `<path>.tmp`, synced, then renamed over `<path>`, so a crash leaves
-//! the previous checkpoint intact.
+//! The file is written to a temp file beside `<path>`, synced, then renamed over `<path>`, so a
+//! crash leaves the previous checkpoint intact. A checkpoint that cannot be loaded is renamed
+//! aside by [`set_aside`] (kept for inspection, never deleted).
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -82,7 +85,12 @@ pub fn save(
     write_atomically(path, &bytes)
 }
 
-/// Writes `bytes` to `path.tmp`, syncs, and renames it over `path`.
+/// Temp files written by this process so far, so that each has its own name.
+static TEMPORARY_FILES: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `bytes` to `<path>.<process id>-<n>.tmp`, syncs, and renames it over `path`. The
+/// temp name is unique so that two writers of one path (two workers started in one folder,
+/// or two threads) never write into each other's half-written file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WorkerError> {
     if let Some(parent) = path
         .parent()
@@ -91,7 +99,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WorkerError> {
         std::fs::create_dir_all(parent).map_err(|source| WorkerError::io(parent, source))?;
     }
     let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
+    let count = TEMPORARY_FILES.fetch_add(1, Ordering::Relaxed);
+    temporary.push(format!(".{}-{count}.tmp", std::process::id()));
     let temporary = PathBuf::from(temporary);
     let mut file =
         std::fs::File::create(&temporary).map_err(|source| WorkerError::io(&temporary, source))?;
@@ -99,6 +108,30 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WorkerError> {
         .and_then(|()| file.sync_all())
         .map_err(|source| WorkerError::io(&temporary, source))?;
     std::fs::rename(&temporary, path).map_err(|source| WorkerError::io(path, source))
+}
+
+/// Renames the checkpoint at `path` to `<path>.corrupt-<unix seconds>` (`-<n>` added when that
+/// name is taken) and returns the new path: training can start afresh while the file stays in
+/// its folder for inspection.
+pub fn set_aside(path: &Path) -> Result<PathBuf, WorkerError> {
+    let seconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let mut taken = 0u32;
+    loop {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".corrupt-{seconds}"));
+        if taken > 0 {
+            name.push(format!("-{taken}"));
+        }
+        let target = PathBuf::from(name);
+        // Never rename over an earlier corrupt file: each one stays for inspection.
+        if !target.exists() {
+            std::fs::rename(path, &target).map_err(|source| WorkerError::io(path, source))?;
+            return Ok(target);
+        }
+        taken += 1;
+    }
 }
 
 /// Reads the checkpoint at `path` onto `device`.

@@ -3,16 +3,17 @@
 //!
 //! A coordinator-driven loop uses it as: load the [`Dataset`] (once per worker), build a
 //! [`Trainer`] for each leased trial (it resumes from the checkpoint path if a checkpoint is
-//! there), call [`Trainer::run`] on a blocking thread with hooks that heartbeat and a
+//! there, and sets an unloadable one aside), call [`Trainer::run`] on a blocking thread with hooks that heartbeat and a
 //! [`CancellationFlag`], then report the [`TrainOutcome`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, ModuleT, Tensor};
 use deepmad_design::{count, Network};
 use serde::Serialize;
+use tracing::warn;
 
 use crate::data::Dataset;
 use crate::error::WorkerError;
@@ -116,6 +117,10 @@ pub struct TrialResult {
     pub epochs: Vec<EpochMetrics>,
     /// The last epoch's held-out metrics.
     pub final_test: EvalMetrics,
+    /// Checkpoints of this trial that could not be loaded and were set aside before training
+    /// started from scratch (0 or 1; see [`Trainer::new`]). Not sent to the coordinator (the
+    /// protocol has no field for it): the worker logs it.
+    pub corrupt_checkpoints: u32,
 }
 
 /// How [`Trainer::run`] ended.
@@ -143,12 +148,48 @@ pub struct Trainer {
     steps_per_epoch: u64,
     state: TrainState,
     resumed: bool,
+    corrupt_checkpoints: u32,
 }
 
 impl Trainer {
     /// Builds the model and optimiser for `spec` on `dataset`, resuming from the checkpoint
-    /// when `options.checkpoint` exists (and belongs to this trial).
+    /// when `options.checkpoint` exists. A checkpoint that cannot be loaded (corrupt,
+    /// truncated, or of another trial) is renamed aside ([`checkpoint::set_aside`]) and
+    /// training starts from scratch: retrying with it in place would fail the same way.
     pub fn new(
+        spec: TrialSpec,
+        dataset: Arc<Dataset>,
+        options: TrainerOptions,
+    ) -> Result<Trainer, WorkerError> {
+        let mut trainer = Trainer::fresh(spec, dataset, options)?;
+        let Some(path) = trainer.options.checkpoint.clone() else {
+            return Ok(trainer);
+        };
+        if !path.exists() {
+            return Ok(trainer);
+        }
+        match trainer.resume(&path) {
+            Ok(()) => Ok(trainer),
+            Err(error) if unloadable(&error) => {
+                let moved_to = checkpoint::set_aside(&path)?;
+                warn!(
+                    path = %path.display(),
+                    moved_to = %moved_to.display(),
+                    reason = %error,
+                    "checkpoint cannot be loaded; set aside, training from scratch"
+                );
+                // A restore that failed half-way has overwritten part of the model and the
+                // optimiser: a fresh build is the only clean start.
+                let mut fresh = Trainer::fresh(trainer.spec, trainer.dataset, trainer.options)?;
+                fresh.corrupt_checkpoints = 1;
+                Ok(fresh)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Builds the model and optimiser for `spec` on `dataset`, at the start of training.
+    fn fresh(
         spec: TrialSpec,
         dataset: Arc<Dataset>,
         options: TrainerOptions,
@@ -197,7 +238,7 @@ impl Trainer {
             seed: spec.seed,
         };
         let augmenter = Arc::new(Augmenter::new(recipe, &dataset));
-        let mut trainer = Trainer {
+        Ok(Trainer {
             spec,
             dataset,
             augmenter,
@@ -209,19 +250,13 @@ impl Trainer {
             steps_per_epoch,
             state: TrainState::default(),
             resumed: false,
-        };
-        trainer.resume_if_checkpointed()?;
-        Ok(trainer)
+            corrupt_checkpoints: 0,
+        })
     }
 
-    fn resume_if_checkpointed(&mut self) -> Result<(), WorkerError> {
-        let Some(path) = self.options.checkpoint.clone() else {
-            return Ok(());
-        };
-        if !path.exists() {
-            return Ok(());
-        }
-        let loaded = checkpoint::load(&path, &self.options.device)?;
+    /// Continues from the checkpoint at `path`, which must belong to this trial.
+    fn resume(&mut self, path: &Path) -> Result<(), WorkerError> {
+        let loaded = checkpoint::load(path, &self.options.device)?;
         loaded.check_identity(&self.identity)?;
         loaded.restore(&self.model, &mut self.optimizer)?;
         self.state = loaded.state;
@@ -242,6 +277,11 @@ impl Trainer {
     /// Returns true when this trainer continued from a checkpoint.
     pub fn resumed(&self) -> bool {
         self.resumed
+    }
+
+    /// Returns how many unloadable checkpoints this trainer set aside (0 or 1).
+    pub fn corrupt_checkpoints(&self) -> u32 {
+        self.corrupt_checkpoints
     }
 
     /// Returns the number of epochs the run has in all (cosine plus cool-down).
@@ -535,8 +575,19 @@ impl Trainer {
             flops: totals.flops,
             epochs: self.state.history.clone(),
             final_test,
+            corrupt_checkpoints: self.corrupt_checkpoints,
         }
     }
+}
+
+/// Whether resuming failed because the checkpoint's contents are bad (unparseable, truncated,
+/// another trial's, tensors missing or misshapen), not because the file could not be read: an
+/// I/O error (a permission, a full disk) is no reason to set the file aside.
+fn unloadable(error: &WorkerError) -> bool {
+    matches!(
+        error,
+        WorkerError::Checkpoint { .. } | WorkerError::Tensor(_)
+    )
 }
 
 /// Checks that the design was made for this data and the recipe fits it.

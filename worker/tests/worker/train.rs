@@ -1,15 +1,17 @@
 //! The trainer end to end on the shipped real data: checkpoints resume into an identical
-//! continuation, stops and cancellation leave a resumable state, mismatches are refused, and
-//! a small designed network learns MNIST well above chance.
+//! continuation, stops and cancellation leave a resumable state, unloadable checkpoints are set
+//! aside, mismatches are refused, and a small designed network learns MNIST well above chance.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use deepmad_design::{Activation, BlockKind, Network, Stage, Stem};
+use deepmad_worker::train::checkpoint::write_atomically;
 use deepmad_worker::{
     CancellationFlag, Control, Dataset, EpochMetrics, FailureClass, LoadOptions, NoHooks, Recipe,
-    StepProgress, StopReason, TrainHooks, TrainOutcome, Trainer, TrainerOptions, TrialSpec,
-    WorkerError,
+    StepProgress, StopReason, TrainHooks, TrainOutcome, Trainer, TrainerOptions, TrialResult,
+    TrialSpec, WorkerError,
 };
 
 use crate::nets;
@@ -250,8 +252,28 @@ impl TrainHooks for CancelAtEpochEnd {
     }
 }
 
+/// The checkpoint files in `folder` that `name` was renamed to when it was set aside.
+fn set_aside(folder: &Path, name: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(folder)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            file.starts_with(&format!("{name}.corrupt-"))
+        })
+        .collect()
+}
+
+fn completed(trainer: &mut Trainer) -> TrialResult {
+    match trainer.run(&mut NoHooks, &CancellationFlag::new()).unwrap() {
+        TrainOutcome::Completed(result) => result,
+        other => panic!("expected completion, got {other:?}"),
+    }
+}
+
 #[test]
-fn a_checkpoint_of_another_trial_is_refused() {
+fn a_checkpoint_of_another_trial_is_set_aside() {
     let data = mnist(64, 32);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("trial.safetensors");
@@ -262,9 +284,80 @@ fn a_checkpoint_of_another_trial_is_refused() {
     )
     .unwrap();
     run_to_end(&mut trainer);
-    let error = Trainer::new(spec(quick_recipe(1, 32), 2), data, options(Some(path))).unwrap_err();
-    assert!(error.to_string().contains("seed"), "{error}");
-    assert_eq!(error.class(), FailureClass::Retryable);
+    let other = Trainer::new(spec(quick_recipe(1, 32), 2), data, options(Some(path))).unwrap();
+    assert!(!other.resumed(), "seed 2 never resumes seed 1's weights");
+    assert_eq!(other.corrupt_checkpoints(), 1);
+    assert_eq!(set_aside(dir.path(), "trial.safetensors").len(), 1);
+}
+
+/// Issue 24, item 5: a checkpoint that cannot be loaded used to fail every retry of its trial
+/// until the trial was dead. It is now moved aside, kept byte for byte, and the same attempt
+/// trains from scratch to exactly the result of a run that never had a checkpoint.
+#[test]
+fn a_corrupt_or_truncated_checkpoint_is_set_aside_and_training_starts_afresh() {
+    let data = mnist(64, 32);
+    let recipe = quick_recipe(2, 32);
+    let mut straight =
+        Trainer::new(spec(recipe.clone(), 3), Arc::clone(&data), options(None)).unwrap();
+    let fresh = completed(&mut straight);
+    assert_eq!(fresh.corrupt_checkpoints, 0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.safetensors");
+    let mut writer = Trainer::new(
+        spec(recipe.clone(), 3),
+        Arc::clone(&data),
+        options(Some(real.clone())),
+    )
+    .unwrap();
+    run_to_end(&mut writer);
+    let real_bytes = std::fs::read(&real).unwrap();
+    let bad_files = [
+        (
+            "garbage.safetensors",
+            b"\x07not a checkpoint at all".to_vec(),
+        ),
+        (
+            "truncated.safetensors",
+            real_bytes[..real_bytes.len() / 2].to_vec(),
+        ),
+    ];
+    for (name, bytes) in bad_files {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let mut trainer = Trainer::new(
+            spec(recipe.clone(), 3),
+            Arc::clone(&data),
+            options(Some(path.clone())),
+        )
+        .unwrap();
+        assert!(!trainer.resumed(), "{name}");
+        let result = completed(&mut trainer);
+        assert_eq!(result.corrupt_checkpoints, 1, "{name}");
+        assert_eq!(
+            comparable(&result.epochs),
+            comparable(&fresh.epochs),
+            "{name}"
+        );
+        assert_eq!(result.final_test, fresh.final_test, "{name}");
+        assert_eq!(weights(&trainer), weights(&straight), "{name}");
+        let aside = set_aside(dir.path(), name);
+        assert_eq!(aside.len(), 1, "{name}: {aside:?}");
+        assert_eq!(
+            std::fs::read(&aside[0]).unwrap(),
+            bytes,
+            "{name} is kept as it was"
+        );
+        let resumable = Trainer::new(
+            spec(recipe.clone(), 3),
+            Arc::clone(&data),
+            options(Some(path)),
+        );
+        assert!(
+            resumable.unwrap().resumed(),
+            "{name}: the new checkpoint loads"
+        );
+    }
 }
 
 #[test]
@@ -424,4 +517,33 @@ fn downstream_training_starts_from_the_backbone_and_a_probe_keeps_it_frozen() {
     assert!(matches!(error, WorkerError::Weights { .. }), "{error}");
     assert_eq!(error.class(), FailureClass::Deterministic);
     assert!(error.to_string().contains("another-design"), "{error}");
+}
+
+/// Issue 24: two workers started in one folder wrote their checkpoints through one fixed temp
+/// name, so one could rename the other's half-written file into place or find its own gone.
+#[test]
+fn concurrent_atomic_writes_of_one_path_never_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trial.safetensors");
+    let writers: Vec<_> = (0..4u8)
+        .map(|writer| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    write_atomically(&path, &vec![writer; 256 * 1024]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes.len(), 256 * 1024);
+    assert!(
+        bytes.iter().all(|&b| b == bytes[0]),
+        "one writer's file, whole"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+    assert_eq!(left.len(), 1, "no temp files left behind");
 }
