@@ -60,9 +60,15 @@ pub fn endpoint(url: &str, ca_cert: Option<&Path>) -> Result<Endpoint, ClientErr
         url: url.to_string(),
         reason,
     };
+    // HTTP/2 pings every 20 s, idle or not, find a coordinator that vanished without closing
+    // the connection (a frozen VM, a dropped route) within half a minute, instead of when TCP
+    // gives up minutes later; workers' calls also carry their own deadlines.
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|error| bad_url(error.to_string()))?
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     let uri = endpoint.uri().clone();
     match uri.scheme_str() {
         Some("http") => {

@@ -117,6 +117,7 @@ fn config(setup: &Setup, max_trials: Option<u32>) -> ClientConfig {
         backoff_max: Duration::from_millis(200),
         max_trials,
         status: None,
+        call_timeout: client::DEFAULT_CALL_TIMEOUT,
     }
 }
 
@@ -331,4 +332,44 @@ fn checkpoint_epochs(setup: &Setup) -> u32 {
     };
     deepmad_worker::train::checkpoint::load(&file, &candle_core::Device::Cpu)
         .map_or(0, |checkpoint| checkpoint.state.history.len() as u32)
+}
+
+/// Issue 24, item 7: a coordinator that vanished without closing the connection (a frozen VM)
+/// must not stall the worker until TCP gives up. This one accepts connections and never
+/// answers; every call gives up after the worker's `call_timeout`, so the worker keeps its
+/// retry loop, sees the shutdown and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_never_answers_does_not_stall_the_worker() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = ClientConfig {
+        coordinator: format!("http://{address}"),
+        token: None,
+        ca_cert: None,
+        device: DeviceSpec::Cpu,
+        name: "silent test".into(),
+        work_dir: dir.path().join("work"),
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(100),
+        max_trials: None,
+        status: None,
+        call_timeout: Duration::from_millis(300),
+    };
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(client::run(config, shutdown.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    shutdown.cancel();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("the worker is not stuck in a call to a silent coordinator")
+        .unwrap();
+    assert!(outcome.is_err(), "it never registered: {outcome:?}");
+    silent.abort();
 }

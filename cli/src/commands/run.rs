@@ -203,6 +203,7 @@ async fn train(
             backoff_max: Duration::from_secs(2),
             max_trials: None,
             status: Some(display.statuses[index].clone()),
+            call_timeout: client::DEFAULT_CALL_TIMEOUT,
         };
         workers.push(tokio::spawn(client::run(config, workers_stop.clone())));
     }

@@ -20,9 +20,30 @@ pub(super) struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Starts heartbeating `attempt` every `every`.
-    pub(super) fn start(client: Client, attempt: &str, token: &str, every: Duration) -> Heartbeat {
-        let shared = Arc::new(Mutex::new(Shared::default()));
+    /// Starts heartbeating `attempt` every `every`, each call given at most `call_timeout`.
+    pub(super) fn start(
+        client: Client,
+        attempt: &str,
+        token: &str,
+        timing: (Duration, Duration),
+    ) -> Heartbeat {
+        Heartbeat::resume(client, attempt, token, timing, None)
+    }
+
+    /// Starts heartbeating with `progress` as the last progress to report: after training,
+    /// to keep the lease through the weights upload and until the completion is acknowledged
+    /// (issue 24: a slow upload let the lease expire and the finished work was discarded).
+    pub(super) fn resume(
+        client: Client,
+        attempt: &str,
+        token: &str,
+        (every, call_timeout): (Duration, Duration),
+        progress: Option<v1::Progress>,
+    ) -> Heartbeat {
+        let shared = Arc::new(Mutex::new(Shared {
+            progress,
+            epochs: Vec::new(),
+        }));
         let flag = CancellationFlag::new();
         let cause = Arc::new(Mutex::new(StopCause::None));
         let task = tokio::spawn(heartbeat_loop(
@@ -32,7 +53,7 @@ impl Heartbeat {
             shared.clone(),
             flag.clone(),
             cause.clone(),
-            every,
+            (every, call_timeout),
         ));
         Heartbeat {
             task,
@@ -42,17 +63,28 @@ impl Heartbeat {
         }
     }
 
-    /// Stops heartbeating; returns why the task stopped training, if it did, and the epochs'
-    /// metrics the coordinator has not stored yet.
-    pub(super) fn stop(self) -> (StopCause, Vec<v1::EpochMetrics>) {
+    /// Stops heartbeating; returns why the task stopped training, if it did, and what it had
+    /// not reported yet: the last progress and the epochs the coordinator has not stored.
+    pub(super) fn stop(self) -> Unreported {
         self.task.abort();
         let cause = *self.cause.lock().expect("no panics while holding the lock");
         let mut shared = self
             .shared
             .lock()
             .expect("no panics while holding the lock");
-        (cause, std::mem::take(&mut shared.epochs))
+        Unreported {
+            cause,
+            progress: shared.progress,
+            epochs: std::mem::take(&mut shared.epochs),
+        }
     }
+}
+
+/// What [`Heartbeat::stop`] returns.
+pub(super) struct Unreported {
+    pub(super) cause: StopCause,
+    pub(super) progress: Option<v1::Progress>,
+    pub(super) epochs: Vec<v1::EpochMetrics>,
 }
 
 /// Progress shared between the training thread and the heartbeat task.
@@ -77,7 +109,7 @@ async fn heartbeat_loop(
     shared: Arc<Mutex<Shared>>,
     flag: CancellationFlag,
     cause: Arc<Mutex<StopCause>>,
-    every: Duration,
+    (every, call_timeout): (Duration, Duration),
 ) {
     use v1::heartbeat_response::Directive;
     loop {
@@ -92,14 +124,14 @@ async fn heartbeat_loop(
             progress,
             epochs: epochs.clone(),
         };
-        match client.heartbeat(request).await {
+        match super::within(call_timeout, client.heartbeat(request)).await {
             Ok(response) => {
                 // Epochs the coordinator stored need not be sent again.
-                shared
-                    .lock()
-                    .expect("no panics while holding the lock")
-                    .epochs
-                    .drain(..epochs.len());
+                // Bounded: the epochs may have been taken meanwhile (the task is being stopped).
+                let mut shared = shared.lock().expect("no panics while holding the lock");
+                let sent = epochs.len().min(shared.epochs.len());
+                shared.epochs.drain(..sent);
+                drop(shared);
                 let directive = response.into_inner().directive;
                 let stop = match Directive::try_from(directive) {
                     Ok(Directive::StopLeaseLost) => StopCause::LeaseLost,

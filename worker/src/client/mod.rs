@@ -62,6 +62,10 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Stop after this many trials (embedded runs and tests); `None` runs until shutdown.
     pub max_trials: Option<u32>,
+    /// How long one unary call to the coordinator (register, lease, heartbeat, complete, fail)
+    /// may take before it counts as failed and is retried: a coordinator that vanished without
+    /// closing the connection (a frozen VM, a dropped route) must not stall the worker.
+    pub call_timeout: Duration,
     /// Where the loop publishes what it is doing, for progress displays (`deepmad run`).
     pub status: Option<Arc<Mutex<WorkerStatus>>>,
 }
@@ -126,7 +130,7 @@ pub async fn run(
         let request = v1::LeaseRequest {
             worker_id: worker_id.clone(),
         };
-        let response = match client.lease(request).await {
+        let response = match within(config.call_timeout, client.lease(request)).await {
             Ok(response) => {
                 backoff = config.backoff_min;
                 response.into_inner()
@@ -221,6 +225,23 @@ async fn connect(
     }
 }
 
+/// The default of [`ClientConfig::call_timeout`]: far above a healthy call's milliseconds, and
+/// below a lease (60 s by default), so a stalled heartbeat is retried while the lease holds.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Awaits one unary call for at most `limit`; past it the call is dropped (which cancels it on
+/// the connection) and counts as `DeadlineExceeded`.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(format!(
+            "the coordinator did not answer within {limit:?}"
+        )))
+    })
+}
+
 /// Registers `worker_id` and reports results kept from earlier runs; returns the heartbeat
 /// interval the coordinator asks for.
 async fn join(
@@ -260,7 +281,7 @@ async fn register(
     };
     let mut backoff = config.backoff_min;
     loop {
-        match client.register(request.clone()).await {
+        match within(config.call_timeout, client.register(request.clone())).await {
             Ok(response) => return Ok(response.into_inner()),
             // Refusals are final: a wrong token or protocol will not fix itself.
             Err(status)

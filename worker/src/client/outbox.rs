@@ -77,7 +77,7 @@ pub(super) async fn deliver_pending(
             warn!(path = %path.display(), "unreadable pending result left in place");
             continue;
         };
-        match client.complete(request).await {
+        match super::within(config.call_timeout, client.complete(request)).await {
             Ok(response) => {
                 info!(path = %path.display(), outcome = response.into_inner().outcome, "pending result reported");
                 let _ = std::fs::remove_file(&path);

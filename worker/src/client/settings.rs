@@ -189,6 +189,7 @@ impl WorkerSettings {
                 backoff_max: Duration::from_millis(backoff_max),
                 max_trials: self.max_trials,
                 status: None,
+                call_timeout: super::DEFAULT_CALL_TIMEOUT,
             },
             threads: self.threads,
         })

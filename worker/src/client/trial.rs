@@ -97,8 +97,8 @@ impl TrialRun<'_> {
         info!(trial = %assignment.trial_id, %attempt, "trial leased");
         // Heartbeats start before the dataset loads and the weights download, which can take
         // longer than a lease.
-        let heartbeat =
-            Heartbeat::start(self.client.clone(), &attempt, &token, self.heartbeat_every);
+        let timing = (self.heartbeat_every, self.config.call_timeout);
+        let heartbeat = Heartbeat::start(self.client.clone(), &attempt, &token, timing);
         let prepared = match self.prepare(&assignment, datasets).await {
             Ok((mut spec, dataset)) => self
                 .pretrained(&assignment, &mut spec, &dataset)
@@ -127,9 +127,18 @@ impl TrialRun<'_> {
         let outcome = self
             .train(spec, dataset, options, &heartbeat, shutdown)
             .await;
-        let (cause, epochs) = heartbeat.stop();
+        let unreported = heartbeat.stop();
         match outcome {
             Ok(TrainOutcome::Completed(result)) => {
+                // The lease is kept through the upload and until the coordinator has the
+                // result; the epochs go with the result instead.
+                let keep_alive = Heartbeat::resume(
+                    self.client.clone(),
+                    &attempt,
+                    &token,
+                    timing,
+                    unreported.progress,
+                );
                 // The protocol has no field for it, so the worker's log is where it shows.
                 if result.corrupt_checkpoints > 0 {
                     warn!(
@@ -141,12 +150,14 @@ impl TrialRun<'_> {
                 if assignment.upload_weights {
                     self.upload_weights(&attempt, &token, &checkpoint).await;
                 }
-                let metrics = final_metrics(&result, &checkpoint, epochs);
+                let metrics = final_metrics(&result, &checkpoint, unreported.epochs);
                 self.complete(&attempt, &token, metrics, shutdown).await;
+                keep_alive.stop();
                 Finished::Completed
             }
             Ok(TrainOutcome::Stopped { reason, .. }) => {
-                self.stopped(&attempt, &token, reason, cause).await;
+                self.stopped(&attempt, &token, reason, unreported.cause)
+                    .await;
                 Finished::Stopped
             }
             Err(error) => {
@@ -268,7 +279,8 @@ impl TrialRun<'_> {
         // A failure report that does not arrive costs only time: the lease expires and the
         // reaper requeues the trial. So it is tried a few times, not forever.
         for _ in 0..3 {
-            match self.client.fail(request.clone()).await {
+            let timeout = self.config.call_timeout;
+            match super::within(timeout, self.client.fail(request.clone())).await {
                 Ok(_) => return,
                 Err(status) => warn!(%status, "failure report not delivered; retrying"),
             }
@@ -310,7 +322,8 @@ impl TrialRun<'_> {
         };
         let mut backoff = self.config.backoff_min;
         loop {
-            match self.client.complete(request.clone()).await {
+            let timeout = self.config.call_timeout;
+            match super::within(timeout, self.client.complete(request.clone())).await {
                 Ok(response) => {
                     info!(%attempt, outcome = response.into_inner().outcome, "result reported");
                     return;
