@@ -225,6 +225,15 @@ async fn connect(
     }
 }
 
+/// Returns the id the coordinator sent as a file name: a UUID in its hyphenated form, never a
+/// path (issue 24: ids from the coordinator went into file paths unchecked, so `../x` would
+/// have written outside the work directory). `what` names the field in the error.
+pub(crate) fn id_file_stem(id: &str, what: &str) -> Result<String, WorkerError> {
+    uuid::Uuid::parse_str(id)
+        .map(|id| id.hyphenated().to_string())
+        .map_err(|_| coordinator_error(format!("{what} {id:?} is not a UUID")))
+}
+
 /// The default of [`ClientConfig::call_timeout`]: far above a healthy call's milliseconds, and
 /// below a lease (60 s by default), so a stalled heartbeat is retried while the lease holds.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -304,5 +313,27 @@ async fn register(
         }
         sleep_or_shutdown(backoff, shutdown).await;
         backoff = (backoff * 2).min(config.backoff_max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::id_file_stem;
+
+    #[test]
+    fn only_uuids_become_file_names() {
+        let id = "6f1c2b8e-1d3a-4c5e-9f00-0123456789ab";
+        assert_eq!(id_file_stem(id, "trial_id").unwrap(), id);
+        let upper = "6F1C2B8E-1D3A-4C5E-9F00-0123456789AB";
+        assert_eq!(id_file_stem(upper, "trial_id").unwrap(), id);
+        for bad in [
+            "../../etc/passwd",
+            "",
+            "a/b",
+            "6f1c2b8e-1d3a-4c5e-9f00-0123456789ab/..",
+        ] {
+            let error = id_file_stem(bad, "trial_id").unwrap_err().to_string();
+            assert!(error.contains("trial_id"), "{error}");
+        }
     }
 }

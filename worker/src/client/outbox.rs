@@ -37,7 +37,14 @@ pub(super) fn keep_pending(work_dir: &Path, request: &v1::CompleteRequest) {
         metrics_json: digest::hex(&metrics),
     };
     let dir = pending_dir(work_dir);
-    let path = dir.join(format!("{}.json", request.attempt_id));
+    let stem = match super::id_file_stem(&request.attempt_id, "attempt_id") {
+        Ok(stem) => stem,
+        Err(error) => {
+            warn!(%error, "undelivered result not kept: its attempt id is no file name");
+            return;
+        }
+    };
+    let path = dir.join(format!("{stem}.json"));
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(&dir)?;
         let temporary = path.with_extension("tmp");

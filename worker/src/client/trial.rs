@@ -114,11 +114,19 @@ impl TrialRun<'_> {
                 return Finished::Failed;
             }
         };
+        let stem = match super::id_file_stem(&assignment.trial_id, "trial_id") {
+            Ok(stem) => stem,
+            Err(error) => {
+                heartbeat.stop();
+                self.fail(&attempt, &token, &error).await;
+                return Finished::Failed;
+            }
+        };
         let checkpoint = self
             .config
             .work_dir
             .join("checkpoints")
-            .join(format!("{}.safetensors", assignment.trial_id));
+            .join(format!("{stem}.safetensors"));
         let options = TrainerOptions {
             checkpoint: Some(checkpoint.clone()),
             pretrained,

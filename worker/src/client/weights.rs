@@ -60,7 +60,8 @@ impl TrialRun<'_> {
     ) -> Result<PathBuf, WorkerError> {
         let dir = self.config.work_dir.join("weights");
         std::fs::create_dir_all(&dir).map_err(|source| WorkerError::io(&dir, source))?;
-        let path = dir.join(format!("{parent}.safetensors"));
+        let stem = super::id_file_stem(parent, "parent_trial_id")?;
+        let path = dir.join(format!("{stem}.safetensors"));
         let request = v1::FetchWeightsRequest {
             attempt_id: attempt.to_string(),
             lease_token: token.to_string(),
