@@ -25,6 +25,7 @@ pub fn work_config(settings: &Validated) -> WorkConfig {
         reaper_interval_ms: settings.lease.reaper_interval_ms,
         max_attempts: settings.max_attempts,
         max_grid_points: settings.limits.max_grid_points,
+        leases_per_worker: settings.limits.leases_per_worker,
         retry: settings.retry,
         solver_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         weights_dir: settings.weights_dir.clone(),

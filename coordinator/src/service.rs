@@ -33,6 +33,8 @@ pub struct WorkConfig {
     pub reaper_interval_ms: i64,
     pub max_attempts: u32,
     pub max_grid_points: usize,
+    /// Leases one worker id may hold at once.
+    pub leases_per_worker: i64,
     pub retry: RetryPolicy,
     /// Threads that solve a sweep's grid points.
     pub solver_threads: usize,
@@ -264,6 +266,15 @@ impl Coordinator {
 
     pub async fn lease(&self, worker: WorkerId) -> Result<Option<Lease>, Error> {
         self.after_outage().await?;
+        // A worker that already holds its share gets no more work (issue 24: one worker id
+        // leased a whole sweep and let the leases expire until every trial was dead). Two
+        // concurrent calls from one id may both pass; the share is a bound, not a lock.
+        let now = self.clock.now();
+        let held = self.watch_store(self.store.leases_held(worker, now).await)?;
+        if held >= self.config.leases_per_worker {
+            info!(%worker, held, "worker holds its share of leases; no more work for it now");
+            return Ok(None);
+        }
         let lease = self.watch_store(
             self.store
                 .claim(worker, self.config.lease_ms, self.clock.now())

@@ -157,6 +157,9 @@ pub struct DashboardSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct LimitSettings {
     pub max_grid_points: u32,
+    /// Leases one worker id may hold at once (a worker trains one trial per process; more
+    /// would let one worker token take a whole sweep and let its leases expire).
+    pub leases_per_worker: u32,
     /// Largest gRPC message, in either direction.
     pub max_message_bytes: u64,
 }
@@ -214,6 +217,7 @@ impl Default for LimitSettings {
     fn default() -> LimitSettings {
         LimitSettings {
             max_grid_points: 10_000,
+            leases_per_worker: 1,
             max_message_bytes: 4 * 1024 * 1024,
         }
     }
@@ -272,6 +276,7 @@ pub struct LeaseTimes {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub max_grid_points: usize,
+    pub leases_per_worker: i64,
     pub max_message_bytes: usize,
 }
 
@@ -680,6 +685,12 @@ impl LimitSettings {
             1,
             1_000_000,
         )?;
+        let leases = check_range(
+            "limits.leases_per_worker",
+            u64::from(self.leases_per_worker),
+            1,
+            64,
+        )?;
         let bytes = check_range(
             "limits.max_message_bytes",
             self.max_message_bytes,
@@ -688,6 +699,7 @@ impl LimitSettings {
         )?;
         Ok(Limits {
             max_grid_points: usize::try_from(points).expect("at most a million"),
+            leases_per_worker: leases,
             max_message_bytes: usize::try_from(bytes).expect("at most 256 MiB"),
         })
     }

@@ -1242,3 +1242,46 @@ async fn an_abandoned_create_sweep_stops_solving() {
         .into_inner();
     assert!(listed.sweeps.is_empty(), "nothing stored");
 }
+
+/// Issue 24, item 1a: one worker id leased every trial of a sweep at once and let the leases
+/// expire until all were dead. A worker now holds at most `limits.leases_per_worker` (1)
+/// leases: a second lease call gets no work while trials are queued, another worker gets one,
+/// and the first gets its next once it completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_holds_one_lease_at_a_time() {
+    let running = start(vec![]).await;
+    let channel = channel(running.address).await;
+    let mut sweeps = SweepServiceClient::new(channel.clone());
+    let mut work = WorkServiceClient::new(channel);
+    let mut three = spec(vec![0.2, 0.5, 1.0]);
+    three.seeds = vec![0, 1, 2];
+    sweeps
+        .create_sweep(v1::CreateSweepRequest { spec: Some(three) })
+        .await
+        .unwrap();
+    let greedy = register(&mut work).await;
+    let first = lease_one(&mut work, &greedy).await;
+    let again = work
+        .lease(v1::LeaseRequest {
+            worker_id: greedy.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.assignment.is_none(), "a second lease for one worker");
+    assert!(again.retry_after_ms > 0);
+    let other = register(&mut work).await;
+    lease_one(&mut work, &other).await;
+    let outcome = work
+        .complete(v1::CompleteRequest {
+            attempt_id: first.attempt_id,
+            lease_token: first.lease_token,
+            metrics: Some(metrics(0.9)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome;
+    assert_eq!(outcome, v1::complete_response::Outcome::Recorded as i32);
+    lease_one(&mut work, &greedy).await;
+}

@@ -237,6 +237,15 @@ impl Store {
         lease::fail(self, attempt, token, &report, micros(now)).await
     }
 
+    /// Returns how many attempts `worker` holds a lease on at `now` (running, not expired).
+    pub async fn leases_held(
+        &self,
+        worker: WorkerId,
+        now: DateTime<Utc>,
+    ) -> Result<i64, StoreError> {
+        reads::leases_held(&mut self.reader(), worker, micros(now)).await
+    }
+
     /// Ends a leased attempt whose worker is shutting down and hands its trial back: the
     /// attempt is stored as a retryable failure with `message`, and the trial is queued again
     /// at once, counting against neither `max_attempts` nor `max_requeues` and with no

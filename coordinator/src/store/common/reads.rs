@@ -1,6 +1,8 @@
 //! Reads on both backends: leaderboards, trial histories and counts. None of them locks
 //! rows; on SQLite they run on the reader pool, which WAL lets read while the writer writes.
 
+use chrono::{DateTime, Utc};
+
 use crate::model::{AttemptId, DesignId, SweepId, TrialId, TrialState, WorkerId};
 use crate::store::assemble::{
     add_count, attempt_state, failure_class, leaderboard_row, trial_history, trial_state,
@@ -394,6 +396,22 @@ pub(crate) async fn attempt_recipe(
         )
         .await?;
     Ok(row.map(|(recipe,)| recipe))
+}
+
+/// Returns how many running attempts of `worker` hold an unexpired lease at `now`.
+pub(crate) async fn leases_held(
+    db: &mut Db<'_>,
+    worker: WorkerId,
+    now: DateTime<Utc>,
+) -> Result<i64, StoreError> {
+    let (held,): (i64,) = db
+        .fetch_one(
+            "SELECT COUNT(*) FROM attempts \
+                 WHERE worker_id = $1 AND state = 'running' AND lease_expires_at > $2",
+            &[Arg::Id(worker.0), Arg::Time(now)],
+        )
+        .await?;
+    Ok(held)
 }
 
 /// Returns `NotFound` unless the sweep exists.
