@@ -15,8 +15,8 @@ use crate::metrics::Metrics;
 use crate::model::{AttemptId, FailureClass, LeaseToken, SweepId, TrialId, WorkerId};
 use crate::store::{
     CompleteOutcome, DownstreamRecord, EpochMetrics, FailOutcome, FinalMetrics, HeartbeatOutcome,
-    LeaderboardFilter, LeaderboardRow, Lease, LeasedTrial, NewGridPoint, NewWorker, Progress,
-    ResultRecord, RetryPolicy, Store, StoreError, SweepCreated, SweepSummary, TrialHistory,
+    LeaderboardFilter, LeaderboardRow, Lease, NewGridPoint, NewWorker, Progress, ResultRecord,
+    RetryPolicy, Store, StoreError, SweepCreated, SweepSummary, TrialHistory,
 };
 use crate::sweep::{assemble, solve_all, SweepSpec};
 use crate::weights::WeightStore;
@@ -421,11 +421,16 @@ impl Coordinator {
 
     /// Checks that `attempt` holds the lease of a training trial before its weights are
     /// uploaded.
+    /// Checks that `attempt` may upload weights now and returns the most bytes it may send:
+    /// only a leased training trial whose sweeps have a downstream task that will read them
+    /// (issue 24: any training lease could upload 4 GiB), and at most 16 bytes per parameter
+    /// of its design (weights, momentum buffers and BatchNorm statistics in f32 are about 8)
+    /// plus 16 MiB for the file's header and small tensors.
     pub async fn authorize_upload(
         &self,
         attempt: AttemptId,
         token: LeaseToken,
-    ) -> Result<LeasedTrial, Error> {
+    ) -> Result<u64, Error> {
         let leased = self
             .store
             .leased_trial(attempt, token, self.clock.now())
@@ -439,7 +444,16 @@ impl Coordinator {
                 ),
             });
         }
-        Ok(leased)
+        if !leased.wants_weights {
+            return Err(Error::InvalidArgument {
+                field: "attempt_id".into(),
+                reason: format!(
+                    "attempt {attempt}: no downstream task of its sweeps reads this trial's weights"
+                ),
+            });
+        }
+        let params = u64::try_from(leased.design_params).unwrap_or(0);
+        Ok(params.saturating_mul(16).saturating_add(16 << 20))
     }
 
     /// Returns the weights file a leased downstream trial starts from: its training trial's

@@ -41,11 +41,13 @@ impl WeightStore {
         attempt: AttemptId,
         total_bytes: u64,
         sha256: &str,
+        limit: u64,
     ) -> Result<Upload, Error> {
-        if total_bytes == 0 || total_bytes > MAX_WEIGHTS_BYTES {
+        let most = limit.min(MAX_WEIGHTS_BYTES);
+        if total_bytes == 0 || total_bytes > most {
             return Err(Error::InvalidArgument {
                 field: "total_bytes".into(),
-                reason: format!("must be 1 to {MAX_WEIGHTS_BYTES} bytes, got {total_bytes}"),
+                reason: format!("must be 1 to {most} bytes for this design, got {total_bytes}"),
             });
         }
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -178,7 +180,7 @@ mod tests {
         let data = b"weights of a trained backbone".to_vec();
 
         let mut upload = store
-            .begin(attempt, data.len() as u64, &sha(&data))
+            .begin(attempt, data.len() as u64, &sha(&data), MAX_WEIGHTS_BYTES)
             .await
             .unwrap();
         upload.write(&data[..7]).await.unwrap();
@@ -189,7 +191,7 @@ mod tests {
         // A corrupted upload for another attempt: refused, nothing left behind.
         let other = AttemptId::new();
         let mut upload = store
-            .begin(other, data.len() as u64, &sha(&data))
+            .begin(other, data.len() as u64, &sha(&data), MAX_WEIGHTS_BYTES)
             .await
             .unwrap();
         let mut corrupted = data.clone();
@@ -200,12 +202,15 @@ mod tests {
         assert!(!store.path(other).exists());
         // A short upload is refused too; and a long one at the first extra byte.
         let mut upload = store
-            .begin(other, data.len() as u64, &sha(&data))
+            .begin(other, data.len() as u64, &sha(&data), MAX_WEIGHTS_BYTES)
             .await
             .unwrap();
         upload.write(&data[..3]).await.unwrap();
         assert!(upload.finish().await.is_err());
-        let mut upload = store.begin(other, 3, &sha(&data[..3])).await.unwrap();
+        let mut upload = store
+            .begin(other, 3, &sha(&data[..3]), MAX_WEIGHTS_BYTES)
+            .await
+            .unwrap();
         assert!(upload.write(&data[..4]).await.is_err());
         upload.abort().await;
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();

@@ -910,6 +910,15 @@ async fn trained_weights_travel_to_downstream_trials_under_their_leases() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Issue 24, item 1c: more than the design's parameters can fill is refused up front.
+    let mut oversized = chunks(&training, &data, &sha);
+    oversized[0].total_bytes = 1 << 30;
+    let status = work
+        .upload_weights(tokio_stream::iter(oversized))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("total_bytes"), "{status:?}");
     assert_eq!(std::fs::read_dir(weights_dir.path()).unwrap().count(), 0);
     // A training attempt has no weights to fetch.
     let status = work
@@ -1284,4 +1293,40 @@ async fn a_worker_holds_one_lease_at_a_time() {
         .outcome;
     assert_eq!(outcome, v1::complete_response::Outcome::Recorded as i32);
     lease_one(&mut work, &greedy).await;
+}
+
+/// Issue 24, item 1c: a training lease in a sweep without downstream tasks has nobody to read
+/// its weights, so it may not upload any (any lease could store 4 GiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_nobody_reads_are_refused() {
+    let weights_dir = tempfile::tempdir().unwrap();
+    let running = start(vec![(
+        "DEEPMAD__STORAGE__WEIGHTS_DIR".into(),
+        weights_dir.path().display().to_string(),
+    )])
+    .await;
+    let channel = channel(running.address).await;
+    let mut sweeps = SweepServiceClient::new(channel.clone());
+    let mut work = WorkServiceClient::new(channel);
+    sweeps
+        .create_sweep(v1::CreateSweepRequest {
+            spec: Some(spec(vec![0.3])),
+        })
+        .await
+        .unwrap();
+    let worker_id = register(&mut work).await;
+    let training = lease_one(&mut work, &worker_id).await;
+    assert!(!training.upload_weights);
+    let data = b"weights nobody asked for".to_vec();
+    let status = work
+        .upload_weights(tokio_stream::iter(chunks(
+            &training,
+            &data,
+            &sha256_hex(&data),
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("downstream"), "{status:?}");
+    assert_eq!(std::fs::read_dir(weights_dir.path()).unwrap().count(), 0);
 }

@@ -59,11 +59,11 @@ impl v1::work_service_server::WorkService for WorkHandler {
             .await?
             .ok_or_else(|| Status::invalid_argument("the upload has no chunks"))?;
         let (attempt, token) = lease_ids(&first.attempt_id, &first.lease_token)?;
-        self.coordinator.authorize_upload(attempt, token).await?;
+        let limit = self.coordinator.authorize_upload(attempt, token).await?;
         let mut upload = self
             .coordinator
             .weights
-            .begin(attempt, first.total_bytes, &first.sha256)
+            .begin(attempt, first.total_bytes, &first.sha256, limit)
             .await?;
         let mut chunk = Some(first);
         while let Some(current) = chunk {

@@ -172,6 +172,10 @@ pub struct LeasedTrial {
     pub parent: Option<TrialId>,
     /// The attempt whose result is the parent's result (its weights are the parent's).
     pub parent_result_attempt: Option<AttemptId>,
+    /// Whether a downstream task of a sweep that needs this trial will read its weights.
+    pub wants_weights: bool,
+    /// The design's parameter count (bounds the size of its weights).
+    pub design_params: i64,
 }
 
 /// Progress a heartbeat carries.

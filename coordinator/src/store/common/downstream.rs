@@ -89,6 +89,8 @@ struct LeaseRow {
     task: String,
     parent_trial_id: Option<Id>,
     parent_attempt: Option<Id>,
+    wants_weights: bool,
+    design_params: i64,
 }
 
 pub(crate) async fn leased_trial(
@@ -100,9 +102,14 @@ pub(crate) async fn leased_trial(
     let row: LeaseRow = db
         .fetch_optional(
             "SELECT a.trial_id, a.lease_token, a.state, a.lease_expires_at, t.task, \
-                 t.parent_trial_id, r.attempt_id AS parent_attempt \
+                 t.parent_trial_id, r.attempt_id AS parent_attempt, \
+                 EXISTS (SELECT 1 FROM sweep_trials st \
+                     JOIN sweep_tasks k ON k.sweep_id = st.sweep_id \
+                     WHERE st.trial_id = t.id) AS wants_weights, \
+                 d.params AS design_params \
              FROM attempts a \
                  JOIN trials t ON t.id = a.trial_id \
+                 JOIN designs d ON d.id = t.design_id \
                  LEFT JOIN results r ON r.trial_id = t.parent_trial_id \
              WHERE a.id = $1",
             &[Arg::Id(attempt.0)],
@@ -122,6 +129,8 @@ pub(crate) async fn leased_trial(
         task: row.task,
         parent: row.parent_trial_id.map(|id| TrialId(id.0)),
         parent_result_attempt: row.parent_attempt.map(|id| AttemptId(id.0)),
+        wants_weights: row.wants_weights,
+        design_params: row.design_params,
     })
 }
 
