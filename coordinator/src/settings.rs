@@ -430,6 +430,21 @@ impl Settings {
             None => None,
         };
         let tokens = self.auth.validate(listen)?;
+        // The metrics page has no authentication: like gRPC and the dashboard, it may only
+        // leave this machine when tokens are set (issue 24), so that a coordinator with auth
+        // off stays a loopback-only one.
+        if let Some(address) = metrics_listen {
+            if !tokens.is_enabled() && !address.ip().is_loopback() {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!(
+                        "{address} is not a loopback address, and auth is off: set \
+                         auth.worker_tokens and auth.client_tokens to serve metrics beyond \
+                         this machine"
+                    ),
+                ));
+            }
+        }
         let dashboard_listen = self.dashboard.validate(&tokens)?;
         Ok(Validated {
             listen,

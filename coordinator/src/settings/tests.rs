@@ -280,6 +280,25 @@ fn the_dashboard_is_off_unless_its_address_is_set() {
     assert_eq!(key_of(error), "dashboard.listen");
 }
 
+/// Issue 24, item 10: the metrics endpoint follows gRPC's loopback rule.
+#[test]
+fn without_tokens_metrics_stay_on_loopback() {
+    let mut settings = Settings::default();
+    settings.metrics.listen = Some("0.0.0.0:9464".into());
+    let error = settings.validate().unwrap_err();
+    assert!(error.to_string().contains("auth is off"), "{error}");
+    assert_eq!(key_of(error), "metrics.listen");
+
+    let mut settings = with_tokens();
+    settings.listen = "0.0.0.0:50051".into();
+    settings.metrics.listen = Some("0.0.0.0:9464".into());
+    let validated = settings.validate().unwrap();
+    assert_eq!(
+        validated.metrics_listen,
+        Some("0.0.0.0:9464".parse().unwrap())
+    );
+}
+
 #[test]
 fn without_tokens_the_dashboard_stays_on_loopback() {
     let mut settings = Settings::default();
