@@ -10,16 +10,7 @@
 set -euo pipefail
 : "${CUDA_HOME:?source deploy/cuda/env.sh first}"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SRC=${CUDARC_SRC:-}
-if [ -z "$SRC" ]; then
-  REGISTRY=${CARGO_HOME:-$HOME/.cargo}/registry/src
-  LOCKED=$(awk '/^name = "cudarc"$/ { getline; gsub(/"/, "", $3); print $3; exit }' "$REPO/Cargo.lock" 2>/dev/null || true)
-  # shellcheck disable=SC2012 # cargo's registry folders have plain names
-  SRC=$(ls -d "$REGISTRY"/*/cudarc-"${LOCKED:-}"* 2>/dev/null | sort -V | tail -1 || true)
-  # shellcheck disable=SC2012
-  [ -n "$SRC" ] || SRC=$(ls -d "$REGISTRY"/*/cudarc-* 2>/dev/null | sort -V | tail -1 || true)
-fi
-[ -n "$SRC" ] || { echo "cudarc source not found: run 'cargo fetch' first" >&2; exit 1; }
+SRC=${CUDARC_SRC:-$(bash "$REPO/deploy/cuda/cudarc-source.sh")}
 mkdir -p "$CUDA_HOME/lib/stubs"
 C=$(mktemp --suffix=.c)
 grep -ohE "pub unsafe fn (cudnn[A-Za-z0-9_]+)\(" "$SRC"/src/cudnn/sys/*.rs \

@@ -208,7 +208,6 @@ impl Coordinator {
             .await
             .map_err(|error| Error::Internal(format!("solver task failed: {error}")))?
             .ok_or_else(|| Error::Internal("the solve was abandoned".into()))?;
-        drop(abandon);
         let id = SweepId::new();
         let sweep = assemble(id, &spec, created_by, &solved, self.config.max_attempts)?;
         let infeasible = sweep

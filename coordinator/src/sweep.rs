@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use deepmad_design::digest::sha256_hex;
 use deepmad_design::recipe::Recipe;
 use deepmad_design::score::ObjectiveKind;
 use deepmad_design::solver::{solve, Family, Problem, SearchSpace, Solution};
@@ -556,9 +557,6 @@ fn new_design(problem: &Problem, solution: &Solution) -> NewDesign {
 pub fn canonical_json(value: &serde_json::Value) -> String {
     serde_json::to_string(value).expect("JSON values serialize")
 }
-
-/// Task and recipe hashes are SHA-256 in hex, as design ids are (`store/` imports it from here).
-pub use deepmad_design::digest::sha256_hex;
 
 /// Deserializes budgets written as numbers or human units (`"11.7M"`, `"1.8G"`).
 mod count {

@@ -31,13 +31,7 @@ ln -sfn lib "$C/lib64"
   && ln -sf libcublasLt.so.13 libcublasLt.so && ln -sf libcurand.so.10 libcurand.so && ln -sf libnvrtc.so.13 libnvrtc.so )
 
 # cudarc's source: the version Cargo.lock names, else the newest in the registry.
-REGISTRY=${CARGO_HOME:-$HOME/.cargo}/registry/src
-LOCKED=$(awk '/^name = "cudarc"$/ { getline; gsub(/"/, "", $3); print $3; exit }' "$REPO/Cargo.lock" 2>/dev/null || true)
-# shellcheck disable=SC2012 # cargo's registry folders have plain names
-SRC=$(ls -d "$REGISTRY"/*/cudarc-"${LOCKED:-}"* 2>/dev/null | sort -V | tail -1 || true)
-# shellcheck disable=SC2012
-[ -n "$SRC" ] || SRC=$(ls -d "$REGISTRY"/*/cudarc-* 2>/dev/null | sort -V | tail -1 || true)
-[ -n "$SRC" ] || { echo "cudarc source not found: run 'cargo fetch' in the repository first" >&2; exit 1; }
+SRC=$(bash "$REPO/deploy/cuda/cudarc-source.sh")
 
 # Link-time stand-in for the driver library (the real libcuda.so.1 comes with the GPU
 # machine's driver): one empty function per driver symbol that cudarc references, with the

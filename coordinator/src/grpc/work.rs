@@ -180,15 +180,10 @@ impl v1::work_service_server::WorkService for WorkHandler {
         let wire = request.get_ref();
         let (attempt, token) = lease_ids(&wire.attempt_id, &wire.lease_token)?;
         let message: String = wire.message.chars().take(MAX_FAILURE_MESSAGE).collect();
+        let coordinator = &self.coordinator;
         let outcome = match reported_failure_class(wire.failure_class, "failure_class")? {
-            Reported::Failure(class) => {
-                let coordinator = &self.coordinator;
-                coordinator.fail(attempt, token, class, &message).await?
-            }
-            Reported::HandBack => {
-                let coordinator = &self.coordinator;
-                coordinator.hand_back(attempt, token, &message).await?
-            }
+            Reported::Failure(class) => coordinator.fail(attempt, token, class, &message).await?,
+            Reported::HandBack => coordinator.hand_back(attempt, token, &message).await?,
         };
         Ok(Response::new(v1::FailResponse::from(&outcome)))
     }

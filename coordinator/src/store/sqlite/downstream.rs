@@ -11,7 +11,7 @@ use crate::store::common::downstream::{DownstreamRow, RECORD_COLUMNS};
 use crate::store::sql::{uuid_text, Arg, Db, Id};
 use crate::store::types::DownstreamRecord;
 use crate::store::StoreError;
-use crate::sweep::sha256_hex;
+use deepmad_design::digest::sha256_hex;
 
 impl SqliteStore {
     /// The finished downstream trials of `designs`, from any sweep, named `KIND:DATASET`.
